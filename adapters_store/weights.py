@@ -1,0 +1,56 @@
+"""Slot-ready adapter tensors: the one thing every adapter kind produces and the engine consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One module's low-rank update: ΔW = scale · B @ A, with A (r, in) and B (out, r)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+
+    def __post_init__(self) -> None:
+        assert self.A.dim() == 2 and self.B.dim() == 2, "A and B must be matrices"
+        assert self.A.shape[0] == self.B.shape[1], f"rank mismatch: A {tuple(self.A.shape)} B {tuple(self.B.shape)}"
+
+
+class Gate(Protocol):
+    """Per-request branch weights of a gated adapter (GainLoRA): mean prompt embedding (H,) -> (n_branches,)."""
+
+    def __call__(self, pooled: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class AdapterWeights:
+    """Everything the engine needs to put one adapter version into a compute slot.
+
+    ``modules`` maps a module path of the base model (``model.layers.0.self_attn.q_proj``) to its update.
+    Gated kinds concatenate their branches along the rank dimension; ``segments`` gives each branch's rank
+    (in order) and ``gate`` computes the per-request weight of each branch.
+    """
+
+    kind: str
+    rank: int
+    modules: dict[str, LoraPair]
+    segments: tuple[int, ...] = ()
+    gate: Gate | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.segments:
+            assert sum(self.segments) == self.rank, "segments must add up to the rank"
+            assert self.gate is not None, "a segmented adapter needs a gate"
+
+    @property
+    def target_modules(self) -> set[str]:
+        return {path.rsplit(".", 1)[-1] for path in self.modules}
+
+    def nbytes(self) -> int:
+        return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in self.modules.values())
