@@ -1,0 +1,33 @@
+"""Assemble an engine from a loaded base model: wrap the LoRA layers, size the cache, start nothing."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from adapters_store.weights import AdapterWeights
+from base_model.loader import LoadedModel
+
+from ..settings import EngineConfig
+from .engine import Engine, EngineHooks
+from .lora_layers import wrap_lora_layers
+from .slots import AdapterKey
+
+
+def context_length(loaded: LoadedModel, max_model_len: int | None) -> int:
+    native = int(getattr(loaded.model.config, "max_position_embeddings", 2048) or 2048)
+    return min(native, max_model_len) if max_model_len else native
+
+
+def build_engine(
+    loaded: LoadedModel,
+    cfg: EngineConfig,
+    weights_for: Callable[[AdapterKey], AdapterWeights],
+    max_model_len: int | None,
+    hooks: EngineHooks | None = None,
+) -> Engine:
+    batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank)
+    return Engine(
+        loaded.model, loaded.tokenizer, batch, layers, weights_for,
+        max_batch_size=cfg.max_batch_size, max_loras=cfg.max_loras, max_queue=cfg.max_queue,
+        max_model_len=context_length(loaded, max_model_len), prefill_chunk=cfg.prefill_chunk, hooks=hooks,
+    )

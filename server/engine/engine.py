@@ -1,0 +1,377 @@
+"""The engine loop: continuous (iteration-level) batching of many adapters over one resident model.
+
+One thread owns the model, the KV cache and the adapter slots; nothing else touches them. Each iteration:
+
+1. take new requests from the inbox; drop cancelled rows;
+2. admit waiting requests (FIFO, per adapter) while rows and compute slots allow, loading adapters into
+   slots first (load and validate first, evict second) and prefill them together;
+3. decode one token for every live row in one forward pass, each row on its own adapter slot;
+4. emit text deltas, retire finished rows at once (their cache rows are compacted away).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from adapters_store.weights import AdapterWeights
+
+from .lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
+from .model_runner import ModelRunner
+from .requests import Delta, Done, Failed, GenerationRequest, Overloaded
+from .sampling import RowSampler, TextAssembler
+from .slots import AdapterKey, SlotTable
+
+log = logging.getLogger(__name__)
+_DROPPED = -2  # the request failed while its adapter was loaded; it has been answered
+
+
+class EngineHooks(Protocol):
+    """Metric hook points (see server/metrics.py); implementations must not raise."""
+
+    def engine_state(self, running: int, waiting: int, batch_size: int) -> None: ...
+    def queue_wait(self, seconds: float) -> None: ...
+    def ttft(self, adapter: str, seconds: float) -> None: ...
+    def inter_token(self, adapter: str, seconds: float) -> None: ...
+    def adapter_loaded(self, adapter: str, tier: str, seconds: float) -> None: ...
+    def adapter_evicted(self, tier: str) -> None: ...
+    def adapters_resident(self, tier: str, n: int) -> None: ...
+
+
+@dataclass
+class _Row:
+    req: GenerationRequest
+    slot: int  # -1 = base model
+    sampler: RowSampler
+    text: TextAssembler
+    length: int  # tokens in the cache
+    next_token: int = -1
+    generated: int = 0
+    admitted: float = 0.0
+    first_token_at: float = 0.0
+    last_token_at: float = 0.0
+    label: str = "__base__"
+    finish: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Engine:
+    """Owns the model loop. ``submit`` is thread-safe; everything else runs on the engine thread."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: object,
+        lora_batch: LoraBatch,
+        lora_layers: dict[str, SlotLoRALinear],
+        weights_for: Callable[[AdapterKey], AdapterWeights],
+        *,
+        max_batch_size: int,
+        max_loras: int,
+        max_queue: int,
+        max_model_len: int,
+        prefill_chunk: int = 4,
+        hooks: EngineHooks | None = None,
+    ) -> None:
+        self.runner = ModelRunner(model, max_batch_size, max_model_len)
+        self.tokenizer = tokenizer
+        self.lora_batch, self.lora_layers = lora_batch, lora_layers
+        self.weights_for = weights_for
+        self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
+        self.slots = SlotTable(max_loras)
+        self._gates: dict[int, object] = {}  # slot -> gate of a gated adapter
+        self._segments: dict[int, tuple[int, ...]] = {}
+        self.hooks = hooks
+        self.eos_ids = self._eos_ids(model, tokenizer)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._control: queue.SimpleQueue = queue.SimpleQueue()  # callables run between steps
+        self._waiting: deque[GenerationRequest] = deque()
+        self._rows: list[_Row] = []
+        self._pending = 0  # submitted, not yet admitted (approximate across threads)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    @staticmethod
+    def _eos_ids(model: torch.nn.Module, tokenizer: object) -> set[int]:
+        ids = model.generation_config.eos_token_id if model.generation_config else None
+        ids = ids if isinstance(ids, list) else [ids]
+        out = {i for i in ids if i is not None}
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            out.add(tokenizer.eos_token_id)
+        return out
+
+    # ---- public, thread-safe ------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="clora-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    @property
+    def waiting(self) -> int:
+        return self._pending
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def submit(self, req: GenerationRequest) -> None:
+        with self._lock:
+            if self._pending >= self.max_queue:
+                raise Overloaded(self._pending)
+            self._pending += 1
+        self._inbox.put(req)
+
+    def call_soon(self, fn: Callable[[], None]) -> threading.Event:
+        """Run ``fn`` on the engine thread between two steps; the returned event is set when done."""
+        done = threading.Event()
+
+        def wrapped() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        self._control.put(wrapped)
+        self._inbox.put(None)  # wake the loop
+        return done
+
+    def drop_adapter(self, name: str) -> threading.Event:
+        """Free the slots of every version of ``name`` that no running row uses (others free as rows end)."""
+
+        def fn() -> None:
+            for slot in self.slots.slots_of(name):
+                if self.slots.pins(slot) == 0:
+                    self._clear_slot(slot)
+
+        return self.call_soon(fn)
+
+    # ---- engine thread --------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            try:
+                idle = not self._rows and not self._waiting
+                self._drain_inbox(block=idle)
+                self._run_control()
+                self._drop_cancelled()
+                self._admit()
+                if self._rows:
+                    self._decode()
+                self._report()
+            except Exception as e:  # never let one bad step kill the server
+                log.exception("engine step failed")
+                for row in self._rows:
+                    row.req.emit(Failed(f"engine error: {e}"))
+                    self._unpin(row)
+                self._rows.clear()
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _run_control(self) -> None:
+        while True:
+            try:
+                self._control.get_nowait()()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        for req in [r for r in self._waiting if r.cancelled.is_set()]:
+            self._waiting.remove(req)
+            self._dequeued()
+            req.emit(Done("cancelled", len(req.prompt_ids), 0, {}))
+        for row in self._rows:
+            if row.req.cancelled.is_set():
+                row.finish = "cancelled"
+        self._retire()
+
+    def _dequeued(self) -> None:
+        with self._lock:
+            self._pending -= 1
+
+    # ---- admission ------------------------------------------------------------------------------------
+    def _admit(self) -> None:
+        admitted: list[_Row] = []
+        blocked_head = False
+        for req in list(self._waiting):
+            if len(self._rows) + len(admitted) >= self.max_batch_size or len(admitted) >= self.prefill_chunk:
+                break
+            slot = self._slot_for(req, allow_load=not blocked_head)
+            if slot == _DROPPED:
+                continue
+            if slot is None:
+                if not blocked_head:
+                    blocked_head = True
+                    self.slots.drain_one(exclude={r.slot for r in admitted})
+                continue
+            self._waiting.remove(req)
+            self._dequeued()
+            admitted.append(self._make_row(req, slot))
+        if admitted:
+            self._prefill(admitted)
+
+    def _slot_for(self, req: GenerationRequest, allow_load: bool) -> int | None:
+        if req.adapter is None:
+            return -1
+        slot = self.slots.lookup(req.adapter)
+        if slot is not None:
+            return slot
+        if not allow_load:
+            return None
+        free = self.slots.draining_free()
+        if free is not None:
+            self._clear_slot(free)
+        target = self.slots.free_or_victim()
+        if target is None:
+            return None
+        slot, victim = target
+        t0 = time.perf_counter()
+        try:
+            weights = self.weights_for(req.adapter)  # load and validate first ...
+        except Exception as e:
+            self._waiting.remove(req)
+            self._dequeued()
+            req.emit(Failed(f"adapter {req.adapter[0]} v{req.adapter[1]} could not be loaded: {e}"))
+            return _DROPPED
+        if victim is not None:  # ... evict second
+            self._clear_slot(slot)
+            self._hook("adapter_evicted", "slot")
+        self._set_slot(slot, req.adapter, weights)
+        self._hook("adapter_loaded", req.adapter[0], "slot", time.perf_counter() - t0)
+        return slot
+
+    def _set_slot(self, slot: int, key: AdapterKey, w: AdapterWeights) -> None:
+        for path, pair in w.modules.items():
+            self.lora_layers[path].set_slot(slot, pair.A, pair.B, pair.scale)
+        self.slots.assign(slot, key, w.rank)
+        if w.gate is not None:
+            self._gates[slot], self._segments[slot] = w.gate, w.segments
+
+    def _clear_slot(self, slot: int) -> None:
+        for layer in self.lora_layers.values():
+            if layer.present[slot]:
+                layer.clear_slot(slot)
+        self._gates.pop(slot, None)
+        self._segments.pop(slot, None)
+        self.slots.release(slot)
+
+    def _make_row(self, req: GenerationRequest, slot: int) -> _Row:
+        now = time.perf_counter()
+        self._hook("queue_wait", now - req.arrived)
+        if slot >= 0:
+            self.slots.pin(slot)
+            if slot in self._gates:
+                pooled = self.runner.pooled_embedding(req.prompt_ids)
+                g = self._gates[slot](pooled).float().flatten()  # (n_branches,)
+                seg = torch.tensor(self._segments[slot])
+                req.rank_weights = torch.repeat_interleave(g.cpu(), seg)  # (rank,)
+        label = req.adapter[0] if req.adapter else "__base__"
+        return _Row(req, slot, RowSampler(req.params), TextAssembler(self.tokenizer, req.params.stop),
+                    length=len(req.prompt_ids), admitted=now, label=label,
+                    timings={"queue_s": now - req.arrived})
+
+    def _set_lora_batch(self, rows: list[_Row]) -> None:
+        build_lora_batch(self.lora_batch, [r.slot for r in rows], [r.req.rank_weights for r in rows],
+                         self.slots.ranks(), self.runner.device, self.runner.dtype)
+
+    def _prefill(self, new: list[_Row]) -> None:
+        base = len(self._rows)
+        self._set_lora_batch(new)
+        logits = self.runner.prefill(list(range(base, base + len(new))), [r.req.prompt_ids for r in new])
+        self._rows.extend(new)
+        for row, lg in zip(new, logits):
+            self._accept(row, row.sampler(lg))
+        self._retire()
+
+    # ---- decoding ------------------------------------------------------------------------------------
+    def _decode(self) -> None:
+        rows = self._rows
+        self._set_lora_batch(rows)
+        logits = self.runner.decode([r.next_token for r in rows], [r.length for r in rows])
+        self.steps += 1
+        for row, lg in zip(rows, logits):
+            row.length += 1
+            self._accept(row, row.sampler(lg))
+        self._retire()
+
+    def _accept(self, row: _Row, token: int) -> None:
+        now = time.perf_counter()
+        if row.generated == 0:
+            row.first_token_at = now
+            self._hook("ttft", row.label, now - row.req.arrived)
+        else:
+            self._hook("inter_token", row.label, now - row.last_token_at)
+        row.last_token_at = now
+        row.generated += 1
+        p = row.req.params
+        if token in self.eos_ids and not p.ignore_eos:
+            row.finish = "stop"
+            return
+        delta = row.text.add(token)
+        if delta:
+            row.req.emit(Delta(delta, token))
+        if row.text.stopped:
+            row.finish = "stop"
+        elif row.generated >= p.max_tokens or row.length + 1 >= self.runner.max_len:
+            row.finish = "length"
+        else:
+            row.next_token = token
+
+    def _retire(self) -> None:
+        if not any(r.finish for r in self._rows):
+            return
+        keep: list[_Row] = []
+        for i, row in enumerate(self._rows):
+            if row.finish is None:
+                if len(keep) != i:
+                    self.runner.move_row(i, len(keep))  # keep live rows contiguous in the cache
+                keep.append(row)
+                continue
+            self._unpin(row)
+            tail = row.text.finish() if row.finish != "stop" or not row.text.stopped else ""
+            if tail and row.finish != "cancelled":
+                row.req.emit(Delta(tail, -1))
+            now = time.perf_counter()
+            row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
+            row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated if row.finish != "cancelled"
+                              else row.generated, row.timings))
+        self._rows = keep
+        if not keep:
+            self.runner.shrink()
+
+    def _unpin(self, row: _Row) -> None:
+        if row.slot >= 0:
+            self.slots.unpin(row.slot)
+
+    def _report(self) -> None:
+        self._hook("engine_state", len(self._rows), self._pending, len(self._rows))
+        self._hook("adapters_resident", "slot", len(self.slots))
+
+    def _hook(self, name: str, *args: object) -> None:
+        if self.hooks is None:
+            return
+        try:
+            getattr(self.hooks, name)(*args)
+        except Exception:  # metrics never break serving
+            log.debug("metrics hook %s failed", name, exc_info=True)

@@ -1,0 +1,142 @@
+"""Batched multi-adapter LoRA: one wrapped linear layer serves every row of a mixed batch in one pass.
+
+Mechanism only: layers know compute slots, nothing about adapter names. Slot ``s`` holds, for this module,
+``A[s] (R_max, in)`` and ``Bs[s] (R_max, out)`` where ``Bs = scale · Bᵀ`` (the LoRA scale is folded in) and
+unused rank rows are zero, so adapters of different ranks share one buffer.
+
+For a batch, ``LoraBatch`` lists the distinct slots in use (``U`` of them) and a per-row mask
+``(N, U·R)`` that is 1 on the row's own slot (times a per-rank weight: the gate of a GainLoRA branch),
+0 elsewhere. The LoRA term for the whole batch is then two dense matmuls over the gathered slots:
+
+    h = x @ A_uᵀ            # (N, T, U·R)
+    y = W0 x + (h ⊙ mask) @ Bs_u  # (N, T, out)
+
+which is exact per row (the masked-out products are exact zeros) and costs no Python loop over adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LoraBatch:
+    """Per-forward routing shared by every wrapped layer. Built once per engine step.
+
+    ``uniq``: (U,) slot indices in use; ``mask``: (N, 1, U·R) row mask; ``rank``: R, the largest rank used.
+    ``uniq_list`` mirrors ``uniq`` as Python ints for cheap per-module presence checks.
+    """
+
+    uniq: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    rank: int = 0
+    uniq_list: list[int] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.uniq_list)
+
+    def clear(self) -> None:
+        self.uniq, self.mask, self.rank, self.uniq_list = None, None, 0, []
+
+
+def build_lora_batch(
+    batch: LoraBatch,
+    row_slots: list[int],
+    row_rank_weights: list[torch.Tensor | None],
+    slot_ranks: dict[int, int],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> None:
+    """Fill ``batch`` for rows whose slots are ``row_slots`` (-1 = base model, no adapter).
+
+    ``row_rank_weights[i]`` is an optional (rank,) weight per rank of row i's adapter (gates); None means ones.
+    """
+    uniq_list = sorted({s for s in row_slots if s >= 0})
+    if not uniq_list:
+        batch.clear()
+        return
+    R = max(slot_ranks[s] for s in uniq_list)
+    U, N = len(uniq_list), len(row_slots)
+    pos = {s: i for i, s in enumerate(uniq_list)}
+    mask = torch.zeros(N, U, R, dtype=torch.float32)
+    for i, (s, w) in enumerate(zip(row_slots, row_rank_weights)):
+        if s < 0:
+            continue
+        if w is None:
+            mask[i, pos[s], :] = 1.0
+        else:
+            mask[i, pos[s], : w.numel()] = w.float()
+    batch.uniq = torch.tensor(uniq_list, dtype=torch.long, device=device)
+    batch.mask = mask.view(N, 1, U * R).to(device=device, dtype=dtype)
+    batch.rank = R
+    batch.uniq_list = uniq_list
+
+
+class SlotLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ``num_slots`` LoRA slots of rank up to ``max_rank``."""
+
+    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, batch: LoraBatch) -> None:
+        super().__init__()
+        self.base = base
+        self.batch = batch
+        self.in_features, self.out_features = base.in_features, base.out_features
+        w = base.weight
+        self.register_buffer("A", torch.zeros(num_slots, max_rank, self.in_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("Bs", torch.zeros(num_slots, max_rank, self.out_features, dtype=w.dtype, device=w.device))
+        self.present = [False] * num_slots  # slot holds a non-empty update for this module
+
+    @property
+    def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device)
+        return self.base.weight
+
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Write ``ΔW = scale · B @ A`` (A (r, in), B (out, r)) into ``slot``; zero the unused ranks."""
+        r = A.shape[0]
+        assert A.shape == (r, self.in_features), f"A {tuple(A.shape)} vs in {self.in_features}"
+        assert B.shape == (self.out_features, r), f"B {tuple(B.shape)} vs out {self.out_features}"
+        assert r <= self.A.shape[1], f"rank {r} > slot rank {self.A.shape[1]}"
+        self.A[slot].zero_()
+        self.Bs[slot].zero_()
+        self.A[slot, :r].copy_(A.to(self.A.dtype))
+        self.Bs[slot, :r].copy_((B.float().T * scale).to(self.Bs.dtype))
+        self.present[slot] = True
+
+    def clear_slot(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.Bs[slot].zero_()
+        self.present[slot] = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (N, T, out)
+        b = self.batch
+        if not b.uniq_list or not any(self.present[s] for s in b.uniq_list):
+            return y
+        R = b.rank
+        A_u = self.A[b.uniq, :R].reshape(-1, self.in_features)  # (U·R, in)
+        B_u = self.Bs[b.uniq, :R].reshape(-1, self.out_features)  # (U·R, out)
+        h = torch.matmul(x, A_u.T) * b.mask  # (N, T, U·R)
+        return y + torch.matmul(h, B_u)
+
+
+def wrap_lora_layers(
+    model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int
+) -> tuple[LoraBatch, dict[str, SlotLoRALinear]]:
+    """Replace every ``nn.Linear`` named in ``target_modules`` (last name component) inside the decoder layers.
+
+    Returns the shared ``LoraBatch`` and the wrapped layers keyed by their original module path.
+    """
+    batch = LoraBatch()
+    wrapped: dict[str, SlotLoRALinear] = {}
+    targets = set(target_modules)
+    for path, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{path}.{child_name}" if path else child_name
+            if child_name in targets and isinstance(child, nn.Linear) and ".layers." in f".{full}":
+                layer = SlotLoRALinear(child, num_slots, max_rank, batch)
+                setattr(module, child_name, layer)
+                wrapped[full] = layer
+    return batch, wrapped

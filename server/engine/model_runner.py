@@ -1,0 +1,177 @@
+"""The decoder forward pass with a per-row KV cache, for Llama-family models (llama, mistral, qwen2, qwen3).
+
+It reuses the Hugging Face modules (embeddings, norms, rotary embedding, the q/k/v/o and MLP linears, which the
+LoRA wrapper may have replaced) and owns only attention and the cache, so rows of different lengths can be
+prefilled and decoded together and a row can join or leave between any two steps.
+
+Cache layout, per layer: ``K, V (rows, n_kv, L_alloc, D)``. Live sequences occupy cache rows ``0..n-1``
+contiguously (``compact`` moves the last row into a freed hole), so a decode step attends over the views
+``K[:n, :, :L]`` without copying. ``L_alloc`` grows by doubling when a row needs more room.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class UnsupportedModel(RuntimeError):
+    """The base model's architecture is not one this runner implements."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin  # x (N, H, T, D); cos/sin (N, 1, T, D)
+
+
+class ModelRunner:
+    """Runs prefill and decode steps of a causal LM over a slot-indexed KV cache."""
+
+    def __init__(self, model: nn.Module, max_rows: int, max_len: int, initial_len: int = 256) -> None:
+        cfg = model.config
+        if cfg.model_type not in SUPPORTED_TYPES:
+            raise UnsupportedModel(
+                f"model_type {cfg.model_type!r} is not supported; supported: {', '.join(SUPPORTED_TYPES)}"
+            )
+        self.model = model
+        self.inner = model.model
+        self.layers = list(self.inner.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scaling = self.head_dim**-0.5
+        self.max_rows, self.max_len = max_rows, max_len
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.alloc_len = 0
+        self.K: list[torch.Tensor] = []
+        self.V: list[torch.Tensor] = []
+        self._grow(min(initial_len, max_len))
+
+    # ---- cache management -------------------------------------------------------------------------------
+    def _grow(self, need: int) -> None:
+        if need <= self.alloc_len:
+            return
+        new_len = self.alloc_len or 64
+        while new_len < need:
+            new_len *= 2
+        new_len = min(max(new_len, need), self.max_len)
+        shape = (self.max_rows, self.n_kv, new_len, self.head_dim)
+        K = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        V = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        if self.alloc_len:
+            for i in range(len(self.layers)):
+                K[i][:, :, : self.alloc_len] = self.K[i]
+                V[i][:, :, : self.alloc_len] = self.V[i]
+        self.K, self.V, self.alloc_len = K, V, new_len
+
+    def ensure_capacity(self, length: int) -> None:
+        assert length <= self.max_len, f"length {length} > max_len {self.max_len}"
+        self._grow(length)
+
+    def move_row(self, src: int, dst: int) -> None:
+        """Copy cache row ``src`` into ``dst`` (used to keep live rows contiguous)."""
+        for K, V in zip(self.K, self.V):
+            K[dst].copy_(K[src])
+            V[dst].copy_(V[src])
+
+    def shrink(self) -> None:
+        """Drop the cache back to its initial size when no row is live (frees memory after long prompts)."""
+        if self.alloc_len > 256:
+            self.alloc_len = 0
+            self._grow(min(256, self.max_len))
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def _embed_positions(self, ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        h = self.inner.embed_tokens(ids)  # (N, T, H)
+        cos, sin = self.inner.rotary_emb(h, pos)  # (N, T, D)
+        return h, (cos.unsqueeze(1), sin.unsqueeze(1))
+
+    def _qkv(self, attn: nn.Module, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, ...]:
+        N, T, _ = x.shape
+        q = attn.q_proj(x).view(N, T, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(N, T, self.n_kv, self.head_dim)
+        v = attn.v_proj(x).view(N, T, self.n_kv, self.head_dim)
+        if hasattr(attn, "q_norm"):  # qwen3
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (N, heads, T, D)
+        return _rope(q, *rope), _rope(k, *rope), v
+
+    def _layer(self, i: int, h: torch.Tensor, rope: tuple, attend, ) -> torch.Tensor:
+        layer = self.layers[i]
+        x = layer.input_layernorm(h)
+        q, k, v = self._qkv(layer.self_attn, x, rope)
+        o = attend(i, q, k, v)  # (N, heads, T, D)
+        N, _, T, _ = o.shape
+        h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(N, T, self.n_heads * self.head_dim))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.inner.norm(h_last)).float()  # (N, V)
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Run whole prompts for cache ``rows`` (right-padded together); returns last-token logits (N, V)."""
+        lens = [len(p) for p in prompts]
+        N, T = len(prompts), max(lens)
+        self.ensure_capacity(T)
+        pad = self.inner.config.pad_token_id or 0
+        ids = torch.full((N, T), pad, dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = ids.to(self.device)
+        pos = torch.arange(T, device=self.device).expand(N, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        row_idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+        h, rope = self._embed_positions(ids, pos)
+        mask = causal.view(1, 1, T, T)  # padded queries attend causally; their outputs are never read
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.K[i][row_idx, :, :T] = k
+            self.V[i][row_idx, :, :T] = v
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=self.n_kv != self.n_heads)
+
+        for i in range(len(self.layers)):
+            h = self._layer(i, h, rope, attend)
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        return self._logits(h[torch.arange(N, device=self.device), last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: list[int], lens: list[int]) -> torch.Tensor:
+        """One step for live rows ``0..n-1``: row r appends ``tokens[r]`` at position ``lens[r]``.
+
+        Returns next-token logits (n, V). The caller then increments each row's length.
+        """
+        n = len(tokens)
+        L = max(lens) + 1
+        self.ensure_capacity(L)
+        ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(n, 1)
+        pos_t = torch.tensor(lens, dtype=torch.long, device=self.device)
+        h, rope = self._embed_positions(ids, pos_t.view(n, 1))
+        mask = (torch.arange(L, device=self.device).view(1, L) <= pos_t.view(n, 1)).view(n, 1, 1, L)
+        rows = torch.arange(n, device=self.device)
+
+        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            K, V = self.K[i], self.V[i]
+            K[rows, :, pos_t] = k[:, :, 0]
+            V[rows, :, pos_t] = v[:, :, 0]
+            return F.scaled_dot_product_attention(q, K[:n, :, :L], V[:n, :, :L], attn_mask=mask,
+                                                  scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+
+        for i in range(len(self.layers)):
+            h = self._layer(i, h, rope, attend)
+        return self._logits(h[:, -1])
+
+    @torch.inference_mode()
+    def pooled_embedding(self, prompt: list[int]) -> torch.Tensor:
+        """Mean of the prompt's input embeddings (H,), float32: the input of GainLoRA gates."""
+        ids = torch.tensor(prompt, dtype=torch.long, device=self.device)
+        return self.inner.embed_tokens(ids).float().mean(0)

@@ -1,0 +1,67 @@
+"""What travels between the HTTP side and the engine thread: a request in, events out."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+class Overloaded(Exception):
+    """The waiting queue is full; retry later."""
+
+    def __init__(self, waiting: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"server is at capacity ({waiting} requests waiting); retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text (possibly empty while a stop string is undecided) and the token that produced it."""
+
+    text: str
+    token_id: int
+
+
+@dataclass(frozen=True)
+class Done:
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+Event = Delta | Done | Failed
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt ids, the adapter version it runs on (None = base), and sampling params.
+
+    ``emit`` is called from the engine thread for every event; it must not block.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]
+    adapter: tuple[str, int] | None = None
+    rank_weights: torch.Tensor | None = None  # filled by the engine for gated adapters
+    id: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self.cancelled.set()

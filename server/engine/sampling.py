@@ -1,0 +1,103 @@
+"""Token selection and text assembly for one row: greedy/temperature/top-k/top-p, seeds, stop strings.
+
+Each row owns its ``torch.Generator``, so a seeded request draws the same tokens whatever its batch neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What a request asks of decoding. ``temperature == 0`` means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class RowSampler:
+    """Chooses the next token of one row from its logits (V,)."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        p = self.params
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits.float().cpu() / p.temperature
+        if p.top_k and p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cum = torch.cumsum(sorted_p, dim=-1)
+            drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class TextAssembler:
+    """Turns generated ids into text deltas, holding back anything that may still become a stop string."""
+
+    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(s for s in stop if s)
+        self.ids: list[int] = []
+        self.sent = 0  # characters already emitted
+        self.text = ""
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        for s in self.stop:
+            at = text.find(s, max(0, self.sent - len(s)))
+            if at != -1:
+                cut = min(at, len(text))
+                self.text, self.stopped = text[:cut], True
+                return self._emit(len(self.text))
+        self.text = text
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        return self._emit(len(text) - self._held_back(text))
+
+    def finish(self) -> str:
+        """Emit whatever was held back (the row ended without completing a stop string)."""
+        if self.text.endswith("\ufffd"):
+            self.text = self.text.rstrip("\ufffd")
+        return self._emit(len(self.text))
+
+    def _held_back(self, text: str) -> int:
+        hold = 0
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return hold
+
+    def _emit(self, upto: int) -> str:
+        upto = max(upto, self.sent)
+        delta = self.text[self.sent : upto]
+        self.sent = upto
+        return delta

@@ -1,0 +1,25 @@
+"""Make PEFT adapters with non-trivial weights for tests (lora_B is zero at init, so randomise it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def make_peft_adapter(base_dir: Path, out: Path, r: int, seed: int,
+                      targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"),
+                      alpha: int | None = None, std: float = 0.05) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets), lora_dropout=0.0)
+    model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
