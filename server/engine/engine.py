@@ -96,6 +96,7 @@ class Engine:
         self._rows: list[_Row] = []
         self._pending = 0  # submitted, not yet admitted (approximate across threads)
         self._lock = threading.Lock()
+        self.model_lock = threading.Lock()  # held while the model runs; others may borrow it between steps
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.steps = 0
@@ -168,9 +169,10 @@ class Engine:
                 self._drain_inbox(block=idle)
                 self._run_control()
                 self._drop_cancelled()
-                self._admit()
-                if self._rows:
-                    self._decode()
+                with self.model_lock:
+                    self._admit()
+                    if self._rows:
+                        self._decode()
                 self._report()
             except Exception as e:  # never let one bad step kill the server
                 log.exception("engine step failed")

@@ -1,0 +1,120 @@
+"""OpenAI-compatible ``/v1/completions`` and ``/v1/chat/completions`` (the official client works unchanged).
+
+Each response carries the extra field ``route: {adapter, version, method, confidence}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from .. import pipeline
+from ..deps import Core
+from .disconnect import unless_disconnected
+from ..generation import Result
+from ..pipeline import Job, route_dict
+from ..schemas import ChatCompletionRequest, CompletionRequest
+from ..state import AppState
+
+router = APIRouter(prefix="/v1")
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
+DEFAULT_CHAT_TOKENS = 512  # chat default, capped by the room left in the context
+
+
+def _usage(r: Result) -> dict[str, int]:
+    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def _headers(found: pipeline.Lookup) -> dict[str, str]:
+    if found.key is None:
+        return {"X-Cache": "bypass"}
+    return {"X-Cache": "hit" if found.hit is not None else "miss"}
+
+
+async def _respond(request: Request, core: AppState, job: Job, model: str, chat: bool, include_usage: bool,
+                   stream: bool) -> JSONResponse | StreamingResponse:
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    obj = "chat.completion" if chat else "text_completion"
+    found = await pipeline.lookup(core, job)
+    route = route_dict(job.decision)
+    if not stream:
+        out = await unless_disconnected(request, pipeline.run(core, job, found))
+        r = out.result
+        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": r.text}
+        else:
+            choice["text"] = r.text
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
+                "usage": _usage(r), "route": route, "cached": out.cached}
+        return JSONResponse(body, headers=_headers(found))
+
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+        c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        if chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text:
+                delta["content"] = text
+            c["delta"] = delta
+        else:
+            c["text"] = text or ""
+        return {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [c],
+                "route": route, "cached": found.hit is not None}
+
+    async def events() -> AsyncIterator[str]:
+        if chat:
+            yield _sse(chunk(None, None, first=True))
+        async for text, result in pipeline.stream(core, job, found):
+            if result is None:
+                yield _sse(chunk(text, None))
+                continue
+            yield _sse(chunk(None, result.finish_reason))
+            if include_usage:
+                yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
+                            "usage": _usage(result), "route": route})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(found))
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, core: Core, request: Request):
+    decision = core.routing.decide(body.task or body.model, body.prompt)
+    ids = core.generator.encode(body.prompt)
+    max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+    fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
+    job = Job("completions", ids, decision, body.sampling(max_tokens), fields)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _respond(request, core, job, body.model, False, include_usage, body.stream)
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, core: Core, request: Request):
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in body.messages]
+    prompt = core.generator.chat_prompt(messages)
+    last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), prompt)
+    decision = core.routing.decide(body.task or body.model, last_user)
+    ids = core.generator.encode_chat(prompt)
+    max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_CHAT_TOKENS)
+    fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}
+    job = Job("chat", ids, decision, body.sampling(max_tokens), fields)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return await _respond(request, core, job, body.model, True, include_usage, body.stream)

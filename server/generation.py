@@ -1,0 +1,92 @@
+"""From a routed request to engine events: tokenize, check the context, submit, relay events to asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from router.base import BASE_ADAPTER, Decision
+
+from .engine.engine import Engine
+from .engine.requests import Delta, Done, Event, Failed, GenerationRequest
+from .engine.sampling import SamplingParams
+from .errors import GenerationFailed, PromptTooLong
+
+
+@dataclass
+class Result:
+    """A whole (non-streamed) generation."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Generator:
+    """Thin asyncio front of the engine thread. One per app."""
+
+    def __init__(self, engine: Engine, tokenizer: object, max_len: int) -> None:
+        self.engine, self.tokenizer, self.max_len = engine, tokenizer, max_len
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if not getattr(self.tokenizer, "chat_template", None):
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+    def budget(self, n_prompt: int, max_tokens: int | None, default: int) -> int:
+        """The number of new tokens to allow; 400 when the prompt leaves no room or max_tokens overflows."""
+        room = self.max_len - n_prompt
+        if max_tokens is None:
+            if room < 1:
+                raise PromptTooLong(
+                    f"prompt has {n_prompt} tokens but the context length is {self.max_len}; shorten the prompt",
+                    param="prompt",
+                )
+            return min(default, room)
+        if n_prompt + max_tokens > self.max_len:
+            raise PromptTooLong(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} exceeds the "
+                f"context length of {self.max_len} tokens; shorten the prompt or lower max_tokens",
+                param="max_tokens" if n_prompt < self.max_len else "prompt",
+            )
+        return max_tokens
+
+    async def stream(self, ids: list[int], decision: Decision, params: SamplingParams) -> AsyncIterator[Event]:
+        """Yield Delta events then one Done; cancelling the consumer frees the engine row."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(ev: Event) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        adapter = None if decision.adapter == BASE_ADAPTER else (decision.adapter, int(decision.version or 0))
+        req = GenerationRequest(prompt_ids=ids, params=params, emit=emit, adapter=adapter)
+        self.engine.submit(req)
+        try:
+            while True:
+                ev = await q.get()
+                if isinstance(ev, Failed):
+                    raise GenerationFailed(ev.message)
+                yield ev
+                if isinstance(ev, Done):
+                    return
+        finally:
+            req.cancel()  # no-op when finished; frees the row when the client went away
+
+    async def complete(self, ids: list[int], decision: Decision, params: SamplingParams) -> Result:
+        parts: list[str] = []
+        async for ev in self.stream(ids, decision, params):
+            if isinstance(ev, Delta):
+                parts.append(ev.text)
+            elif isinstance(ev, Done):
+                return Result("".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.timings)
+        raise GenerationFailed("generation ended without a result")

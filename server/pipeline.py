@@ -1,0 +1,158 @@
+"""One request's way after parsing: cache lookup, generation (whole or streamed), cache store, metrics.
+
+Shared by the OpenAI endpoints and ``/v1/generate``; they only differ in how they parse and format.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from router.base import BASE_ADAPTER, Decision
+
+from .engine.requests import Delta, Done
+from .engine.sampling import SamplingParams
+from .errors import error_response
+from .generation import Result
+from .response_cache import cache_key, is_cacheable
+from .state import AppState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A routed, tokenized request ready to run."""
+
+    endpoint: str
+    ids: list[int]
+    decision: Decision
+    params: SamplingParams
+    request_fields: dict[str, Any]  # the normalised request, for the cache key
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def adapter_label(self) -> str:
+        return self.decision.adapter
+
+
+@dataclass
+class Outcome:
+    result: Result
+    cached: bool
+
+
+def route_dict(d: Decision) -> dict[str, Any]:
+    return {"adapter": d.adapter, "version": d.version, "method": d.method, "confidence": round(d.confidence, 4)}
+
+
+def _key(core: AppState, job: Job) -> str | None:
+    p = job.params
+    if not core.settings.cache.enabled or not is_cacheable(p.temperature, p.seed):
+        return None
+    version = job.decision.version if job.decision.adapter != BASE_ADAPTER else None
+    fields = dict(job.request_fields, max_tokens=p.max_tokens)
+    return cache_key(core.loaded.fingerprint, job.decision.adapter, version, fields)
+
+
+async def _lookup(core: AppState, key: str | None) -> dict | None:
+    if key is None:
+        return None
+    raw = await core.cache.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+async def _store(core: AppState, key: str | None, deltas: list[str], result: Result) -> None:
+    if key is None or result.finish_reason == "cancelled":
+        return
+    body = {"deltas": deltas, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens}
+    await core.cache.set(key, json.dumps(body).encode())
+
+
+def _from_cache(hit: dict) -> Result:
+    return Result("".join(hit["deltas"]), hit["finish_reason"], hit["prompt_tokens"], hit["completion_tokens"],
+                  {"cached": 1.0})
+
+
+def _observe(core: AppState, job: Job, result: Result | None, status: int) -> None:
+    m = core.metrics
+    m.request_done(job.endpoint, job.adapter_label, job.decision.method, status, time.perf_counter() - job.started)
+    if result is not None:
+        m.tokens(job.adapter_label, result.prompt_tokens, result.completion_tokens)
+
+
+@dataclass
+class Lookup:
+    key: str | None
+    hit: dict | None
+
+
+async def lookup(core: AppState, job: Job) -> Lookup:
+    """Cache lookup first, so a handler knows (and can say in headers) whether this is a hit."""
+    key = _key(core, job)
+    return Lookup(key, await _lookup(core, key))
+
+
+async def run(core: AppState, job: Job, found: Lookup) -> Outcome:
+    """Generate the whole answer (or serve it from the cache)."""
+    key, hit = found.key, found.hit
+    if hit is not None:
+        result = _from_cache(hit)
+        _observe(core, job, result, 200)
+        return Outcome(result, True)
+    try:
+        deltas: list[str] = []
+        result = None
+        async for ev in core.generator.stream(job.ids, job.decision, job.params):
+            if isinstance(ev, Delta):
+                deltas.append(ev.text)
+            elif isinstance(ev, Done):
+                result = Result("".join(deltas), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
+                                ev.timings)
+    except Exception as e:
+        _observe(core, job, None, error_response(e).status_code)
+        raise
+    assert result is not None
+    await _store(core, key, deltas, result)
+    _observe(core, job, result, 200)
+    return Outcome(result, False)
+
+
+async def stream(core: AppState, job: Job, found: Lookup) -> AsyncIterator[tuple[str, Result | None]]:
+    """Yield ``(delta, None)`` pieces, then ``("", result)`` once. A cache hit replays its stored pieces."""
+    key, hit = found.key, found.hit
+    if hit is not None:
+        for d in hit["deltas"]:
+            yield d, None
+        result = _from_cache(hit)
+        _observe(core, job, result, 200)
+        yield "", result
+        return
+    deltas: list[str] = []
+    try:
+        async for ev in core.generator.stream(job.ids, job.decision, job.params):
+            if isinstance(ev, Delta):
+                if ev.text:
+                    deltas.append(ev.text)
+                    yield ev.text, None
+            elif isinstance(ev, Done):
+                result = Result("".join(deltas), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
+                                ev.timings)
+                await _store(core, key, deltas, result)
+                _observe(core, job, result, 200)
+                yield "", result
+                return
+    except BaseException as e:
+        _observe(core, job, None, error_response(e).status_code if isinstance(e, Exception) else 499)
+        raise
+

@@ -1,0 +1,131 @@
+"""Request bodies of the HTTP API, validated at the boundary (pydantic; bad fields answer 422)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .engine.sampling import SamplingParams
+
+MAX_STOP = 8
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    max_tokens: int | None = Field(None, ge=1, description="New tokens at most.")
+    temperature: float = Field(1.0, ge=0.0, le=5.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 or -1 disables top-k.")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _minus_one_is_off(cls, v: Any) -> Any:
+        return 0 if v == -1 else v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings")
+        if any(not s for s in stops):
+            raise ValueError("stop strings must be non-empty")
+        return stops
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
+        )
+
+    def cache_fields(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "stop": self.stop, "ignore_eos": self.ignore_eos}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(_Sampling):
+    model: str = Field(..., min_length=1, description="An adapter name, the base model id, or 'auto'.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    task: str | None = Field(None, description="Task hint (clora extension): route to this adapter.")
+    user: str | None = None
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; must be 0.")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; must be 0.")
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str]
+    echo: bool = False
+    logprobs: int | None = Field(None, le=0, description="Not supported.")
+    best_of: int | None = Field(None, ge=1, le=1, description="Only best_of=1 is supported.")
+    suffix: str | None = Field(None, max_length=0, description="Not supported.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v: str | list[str]) -> str:
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError("send one prompt per request (a list of exactly one string)")
+            v = v[0]
+        return v
+
+    @model_validator(mode="after")
+    def _no_echo(self) -> "CompletionRequest":
+        if self.echo:
+            raise ValueError("echo=true is not supported")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for p in self.content:
+            if p.get("type") != "text":
+                raise ValueError(f"only text content parts are supported, got {p.get('type')!r}")
+            parts.append(str(p.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = Field(False, description="Not supported.")
+
+    @model_validator(mode="after")
+    def _checks(self) -> "ChatCompletionRequest":
+        if self.logprobs:
+            raise ValueError("logprobs are not supported")
+        if self.max_tokens is None and self.max_completion_tokens is not None:
+            self.max_tokens = self.max_completion_tokens
+        for m in self.messages:
+            m.text()
+        return self
+
+
+class GenerateRequest(_Sampling):
+    """clora's own endpoint: explicit ``adapter`` or ``task`` hint, else the router decides."""
+
+    prompt: str = Field(..., description="Raw prompt text (no chat template applied).")
+    task: str | None = None
+    adapter: str | None = None
+    stream: bool = False
+    max_tokens: int | None = Field(64, ge=1)
