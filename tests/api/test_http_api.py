@@ -1,0 +1,204 @@
+"""The HTTP API driven as a user would: real server process, httpx and the official openai client."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import time
+
+import httpx
+import pytest
+
+PROMPTS = ["The weather today is", "Once upon a time", "In the beginning the", "A list of fruits:",
+           "def add(a, b):", "Dear team, please", "Breaking news from", "The answer is"]
+
+
+def post(srv, path: str, body: dict, timeout: float = 60) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=timeout)
+
+
+def complete(srv, model: str, prompt: str, **kw) -> dict:
+    r = post(srv, "/v1/completions", {"model": model, "prompt": prompt, **kw})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream_text(srv, path: str, body: dict) -> tuple[str, list[dict]]:
+    chunks = []
+    with httpx.stream("POST", srv.url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    for ln in lines[:-1]:
+        chunks.append(json.loads(ln[6:]))
+    text = "".join(c["choices"][0].get("text", "") or c["choices"][0].get("delta", {}).get("content", "") or ""
+                   for c in chunks if c.get("choices"))
+    return text, chunks
+
+
+def test_health_ready_models(server) -> None:
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/ready").status_code == 200
+    ids = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
+    assert {"alpha", "beta", "gamma"} <= ids and len(ids) == 4
+
+
+def test_openai_client_unchanged(server) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    c = client.completions.create(model="alpha", prompt="Hello there", max_tokens=6, temperature=0)
+    assert c.choices[0].text and c.usage.completion_tokens == 6 and c.usage.prompt_tokens > 0
+    assert c.model_extra["route"] == {"adapter": "alpha", "version": 1, "method": "hint", "confidence": 1.0}
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=5, temperature=0)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content
+    pieces = list(client.completions.create(model="alpha", prompt="Hello there", max_tokens=6, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == c.choices[0].text
+    assert pieces[-1].usage.completion_tokens == 6
+    chat_pieces = list(client.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0, stream=True))
+    streamed = "".join(p.choices[0].delta.content or "" for p in chat_pieces if p.choices)
+    assert streamed == chat.choices[0].message.content
+
+
+def test_base_model_by_id_and_auto_fallback(server) -> None:
+    base_id = httpx.get(server.url + "/ready").json()["model"]
+    base = complete(server, base_id, "Hello there", max_tokens=6, temperature=0)
+    assert base["route"]["adapter"] == "__base__"
+    auto = complete(server, "auto", "Hello there", max_tokens=6, temperature=0)
+    assert auto["route"]["method"] == "fallback" and auto["route"]["adapter"] == "__base__"
+    assert auto["choices"][0]["text"] == base["choices"][0]["text"]
+    alpha = complete(server, "alpha", "Hello there", max_tokens=6, temperature=0)
+    assert alpha["choices"][0]["text"] != base["choices"][0]["text"]  # the adapter is really applied
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": "nope", "prompt": "x"}),
+    ("/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/generate", {"adapter": "nope", "prompt": "x"}),
+    ("/v1/generate", {"task": "nope", "prompt": "x"}),
+])
+def test_unknown_adapter_is_404_naming_known(server, path: str, body: dict) -> None:
+    r = post(server, path, body)
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["type"] == "not_found_error" and "'nope'" in err["message"]
+    assert all(n in err["message"] for n in ("alpha", "beta", "gamma"))
+
+
+def test_prompt_too_long_is_400_with_counts(server) -> None:
+    long_prompt = " hello" * 600  # the tiny model's context is 512
+    r = post(server, "/v1/completions", {"model": "alpha", "prompt": long_prompt, "max_tokens": 4})
+    assert r.status_code == 400
+    msg = r.json()["error"]["message"]
+    assert "512" in msg and "600" in msg.replace("604", "600") or "exceeds" in msg
+    r = post(server, "/v1/completions", {"model": "alpha", "prompt": " hello" * 500, "max_tokens": 100})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("stop", ["a"] * 9), ("echo", True),
+    ("top_k", -5), ("seed", -1), ("presence_penalty", 0.5),
+])
+def test_invalid_parameters_are_422_naming_the_field(server, field: str, value: object) -> None:
+    r = post(server, "/v1/completions", {"model": "alpha", "prompt": "x", field: value})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and field in err["message"]
+
+
+def test_malformed_body_is_json_error_without_traceback(server) -> None:
+    r = httpx.post(server.url + "/v1/completions", content=b"{not json", timeout=10,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "error" in r.json() and "Traceback" not in r.text
+
+
+def test_stream_equals_non_stream(server) -> None:
+    for kw in ({"temperature": 0}, {"temperature": 0.9, "seed": 7, "top_p": 0.9, "top_k": 50}):
+        whole = complete(server, "gamma", "Once upon a time", max_tokens=12, **kw)["choices"][0]["text"]
+        text, chunks = stream_text(server, "/v1/completions",
+                                   {"model": "gamma", "prompt": "Once upon a time", "max_tokens": 12, **kw})
+        assert text == whole and chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_mixed_adapters_concurrently_equal_each_alone(server) -> None:
+    models = ["alpha", "beta", "gamma", httpx.get(server.url + "/ready").json()["model"]]
+    jobs = [(models[i % 4], PROMPTS[i]) for i in range(8)]
+    alone = [complete(server, m, p, max_tokens=10, temperature=0)["choices"][0]["text"] for m, p in jobs]
+    with cf.ThreadPoolExecutor(8) as ex:
+        together = list(ex.map(lambda j: complete(server, j[0], j[1], max_tokens=10, temperature=0), jobs))
+    assert [t["choices"][0]["text"] for t in together] == alone
+
+
+def test_seed_gives_same_text_whatever_the_neighbours(server) -> None:
+    body = {"prompt": "Dear team, please", "max_tokens": 16, "temperature": 1.0, "seed": 1234}
+    alone = complete(server, "beta", **body)["choices"][0]["text"]
+    with cf.ThreadPoolExecutor(6) as ex:
+        noise = [ex.submit(complete, server, "alpha", p, max_tokens=20, temperature=1.0) for p in PROMPTS[:5]]
+        again = ex.submit(complete, server, "beta", **body)
+        assert again.result()["choices"][0]["text"] == alone
+        [f.result() for f in noise]
+    other_seed = complete(server, "beta", **{**body, "seed": 99})["choices"][0]["text"]
+    assert other_seed != alone
+
+
+def test_request_joining_mid_decode_equals_alone(server) -> None:
+    long_body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+                 "ignore_eos": True}
+    late_body = {"model": "gamma", "prompt": "Breaking news from", "max_tokens": 10, "temperature": 0}
+    long_alone = complete(server, **long_body)["choices"][0]["text"]
+    late_alone = complete(server, **late_body)["choices"][0]["text"]
+    pieces: list[str] = []
+    with httpx.stream("POST", server.url + "/v1/completions", json={**long_body, "stream": True}, timeout=60) as r:
+        late = None
+        for ln in r.iter_lines():
+            if not ln.startswith("data: ") or ln == "data: [DONE]":
+                continue
+            pieces.append(json.loads(ln[6:])["choices"][0]["text"])
+            if len(pieces) == 5:  # the long request is decoding: join it now
+                with cf.ThreadPoolExecutor(1) as ex:
+                    late = ex.submit(complete, server, **late_body).result()
+                joined_while = len(pieces)
+    assert late is not None and late["choices"][0]["text"] == late_alone
+    assert "".join(pieces) == long_alone
+    assert joined_while < 120  # it really joined while the other was running
+
+
+def test_stop_strings_cut_the_text(server) -> None:
+    text = complete(server, "alpha", "Once upon a time", max_tokens=20, temperature=0)["choices"][0]["text"]
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    cut = complete(server, "alpha", "Once upon a time", max_tokens=20, temperature=0, stop=[stop])
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    assert cut["choices"][0]["text"] == text[: text.find(stop)]
+    streamed, _ = stream_text(server, "/v1/completions", {"model": "alpha", "prompt": "Once upon a time",
+                                                          "max_tokens": 20, "temperature": 0, "stop": [stop]})
+    assert streamed == cut["choices"][0]["text"]
+
+
+def test_generate_endpoint_shape(server) -> None:
+    r = post(server, "/v1/generate", {"prompt": "Hello", "adapter": "beta", "max_tokens": 4, "temperature": 0})
+    body = r.json()
+    assert set(body) >= {"text", "adapter", "version", "route", "usage", "cached", "timings"}
+    assert body["adapter"] == "beta" and body["version"] == 1 and body["usage"]["completion_tokens"] == 4
+    t = post(server, "/v1/generate", {"prompt": "Hello", "task": "beta", "max_tokens": 4, "temperature": 0}).json()
+    assert t["text"] == body["text"]
+
+
+def test_disconnect_frees_the_row(server) -> None:
+    """A client that goes away stops its generation: far fewer tokens are generated than it asked for."""
+    before = server.metric("clora_generated_tokens_total", {"adapter": "alpha"}, default=0.0)
+    body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 6:
+                break
+    deadline = time.monotonic() + 10
+    while server.metric("clora_requests_running") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.metric("clora_requests_running") == 0
+    time.sleep(0.3)
+    generated = server.metric("clora_generated_tokens_total", {"adapter": "alpha"}, default=0.0) - before
+    assert generated < 500, f"{generated} tokens generated for a client that left after 7 chunks"

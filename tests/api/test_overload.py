@@ -1,0 +1,28 @@
+"""A full queue answers 503 with Retry-After; everything admitted still completes."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import httpx
+
+from tests.api.conftest import tiny_env
+from tests.server_proc import ServerProcess
+
+
+def test_queue_full_is_503_with_retry_after(tiny_llama_dir: Path, tiny_adapters: Path, tmp_path: Path) -> None:
+    env = tiny_env(tiny_llama_dir, tiny_adapters, CLORA_MAX_BATCH_SIZE="1", CLORA_MAX_QUEUE="1")
+    body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": True,
+            "temperature": 0}
+    with ServerProcess(env, tmp_path / "log") as srv:
+        with cf.ThreadPoolExecutor(8) as ex:
+            rs = list(ex.map(lambda _: httpx.post(srv.url + "/v1/completions", json=body, timeout=120), range(8)))
+    codes = sorted(r.status_code for r in rs)
+    assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 1, codes
+    for r in rs:
+        if r.status_code == 503:
+            assert r.headers["retry-after"].isdigit()
+            assert r.json()["error"]["type"] == "overloaded_error"
+        else:
+            assert r.json()["usage"]["completion_tokens"] == 300
