@@ -160,6 +160,28 @@ class Engine:
 
         return self.call_soon(fn)
 
+    def hold_adapter(self, key: AdapterKey, held: bool) -> threading.Event:
+        """Operator pin: load ``key`` into a slot now and keep it there (``held=False`` releases it)."""
+
+        def fn() -> None:
+            slot = self.slots.lookup(key)
+            if slot is None and held:
+                target = self.slots.free_or_victim()
+                if target is None:
+                    raise RuntimeError("no compute slot can be freed for a pin")
+                slot, victim = target
+                weights = self.weights_for(key)
+                if victim is not None:
+                    self._clear_slot(slot)
+                self._set_slot(slot, key, weights)
+            if slot is not None:
+                self.slots.hold(slot, held)
+
+        return self.call_soon(fn)
+
+    def resident(self) -> list[AdapterKey]:
+        return self.slots.keys()
+
     # ---- engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)

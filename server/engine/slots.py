@@ -19,6 +19,7 @@ class SlotInfo:
     rank: int
     pins: int = 0
     draining: bool = False
+    held: bool = False  # pinned by an operator: never evicted until unpinned
 
 
 class SlotTable:
@@ -54,9 +55,12 @@ class SlotTable:
             if s not in self._info:
                 return s, None
         for s in self._lru:
-            if self._info[s].pins == 0:
+            if self._info[s].pins == 0 and not self._info[s].held:
                 return s, self._info[s].key
         return None
+
+    def hold(self, slot: int, held: bool) -> None:
+        self._info[slot].held = held
 
     def assign(self, slot: int, key: AdapterKey, rank: int) -> None:
         old = self._info.get(slot)
@@ -88,7 +92,7 @@ class SlotTable:
         """Mark the least-pinned slot draining (no new rows); returns it, or None when one already drains."""
         if any(i.draining for i in self._info.values()):
             return None
-        candidates = [s for s in self._lru if s not in exclude]
+        candidates = [s for s in self._lru if s not in exclude and not self._info[s].held]
         if not candidates:
             return None
         slot = min(candidates, key=lambda s: self._info[s].pins)
