@@ -106,7 +106,7 @@ class Settings(BaseSettings):
             raise ValueError(f"CLORA_DTYPE must be one of {sorted(allowed)}, got {v!r}")
         return v
 
-    @field_validator("base_model", "redis_url", mode="before")
+    @field_validator("base_model", "redis_url", "admin_token", mode="before")
     @classmethod
     def _empty_is_none(cls, v: object) -> object:
         return None if v == "" else v

@@ -1,0 +1,189 @@
+"""Throughput benchmark (issue 2): clora-serve over HTTP vs PEFT's paths (and vLLM when its URL is given).
+
+64 requests, prompts of about 64 tokens, 32 new tokens, greedy, concurrency 16:
+  (a) clora base only          (b) clora mixed across 8 adapters (r 8 and 16, q/k/v/o)
+  (c) naive PEFT: set_adapter + generate, one request at a time
+  (d) PEFT mixed batch: generate(adapter_names=...) in batches of 16
+  (e) vLLM (--vllm-url, adapters loaded there under the same names), base and mixed
+Also: seconds from process start to /ready (model cache present) and resident memory at idle.
+
+Usage: python bench/throughput.py [--requests 64] [--concurrency 16] [--naive-requests 16] [--vllm-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.engine.peft_helpers import make_peft_adapter  # noqa: E402
+from tests.server_proc import ServerProcess  # noqa: E402
+
+TOPICS = ["the history of the Roman empire", "how photosynthesis works", "the rules of chess",
+          "a recipe for bread", "the life of honey bees", "how computers store numbers",
+          "the water cycle", "the French revolution"]
+
+
+def make_prompts(tok, n: int, target_tokens: int = 64) -> list[str]:
+    out = []
+    for i in range(n):
+        text = f"Request {i}. Write a detailed, friendly explanation of {TOPICS[i % len(TOPICS)]}."
+        while len(tok(text)["input_ids"]) < target_tokens:
+            text += f" Please cover point {len(text) % 97} about {TOPICS[(i + len(text)) % len(TOPICS)]} too."
+        ids = tok(text)["input_ids"][:target_tokens]
+        out.append(tok.decode(ids))
+    return out
+
+
+def http_run(url: str, model_for, prompts: list[str], new_tokens: int, concurrency: int,
+             extra: dict | None = None) -> tuple[float, int]:
+    def one(i: int) -> int:
+        body = {"model": model_for(i), "prompt": prompts[i], "max_tokens": new_tokens, "temperature": 0,
+                "ignore_eos": True, **(extra or {})}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(concurrency) as ex:
+        toks = sum(ex.map(one, range(len(prompts))))
+    return time.perf_counter() - t0, toks
+
+
+def peft_model(model_dir: Path, adapters: dict[str, Path], dtype: torch.dtype, device: str):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        model.load_adapter(adapters[n], adapter_name=n)
+    return model.eval()
+
+
+def peft_naive(model, tok, names, prompts, new_tokens, device) -> tuple[float, int]:
+    t0, toks = time.perf_counter(), 0
+    for i, p in enumerate(prompts):
+        model.set_adapter(names[i % len(names)])
+        ids = tok(p, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=tok.eos_token_id)
+        toks += out.shape[1] - ids["input_ids"].shape[1]
+    return time.perf_counter() - t0, toks
+
+
+def peft_mixed(model, tok, names, prompts, new_tokens, batch, device) -> tuple[float, int]:
+    tok.padding_side = "left"
+    t0, toks = time.perf_counter(), 0
+    for s in range(0, len(prompts), batch):
+        chunk = prompts[s:s + batch]
+        ids = tok(chunk, return_tensors="pt", padding=True).to(device)
+        an = [names[(s + j) % len(names)] for j in range(len(chunk))]
+        with torch.no_grad():
+            out = model.generate(**ids, adapter_names=an, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)
+        toks += (out.shape[1] - ids["input_ids"].shape[1]) * len(chunk)
+    return time.perf_counter() - t0, toks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--naive-requests", type=int, default=16, help="(c) is slow: time this many, report tok/s")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--vllm-url", default=None)
+    ap.add_argument("--vllm-model", default=None)
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+
+    from base_model.loader import embedded_model_dir, pick_device, pick_dtype
+    from transformers import AutoTokenizer
+
+    cache = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", ROOT / ".model_cache"))
+    model_dir = embedded_model_dir(cache)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = make_prompts(tok, args.requests)
+    work = Path(tempfile.mkdtemp(prefix="clora-bench-"))
+    adapters = {}
+    for i in range(8):
+        name = f"ad{i}"
+        adapters[name] = make_peft_adapter(model_dir, work / "adapters" / name, r=8 if i % 2 else 16, seed=100 + i,
+                                           std=0.01)
+    names = list(adapters)
+    env = {"CLORA_ADAPTERS_DIR": str(work / "adapters"), "CLORA_MODEL_CACHE_DIR": str(cache),
+           "CLORA_DTYPE": str(dtype).replace("torch.", ""), "CLORA_DEVICE": str(device), "CLORA_ROUTER": "hint",
+           "CLORA_MAX_BATCH_SIZE": str(args.concurrency), "CLORA_MAX_LORAS": "8"}
+    if args.threads:
+        env["CLORA_NUM_THREADS"] = str(args.threads)
+    rows: list[tuple[str, float, int]] = []
+    t_start = time.perf_counter()
+    with ServerProcess(env, work / "server.log") as srv:
+        ready_s = time.perf_counter() - t_start
+        time.sleep(1.0)
+        rss_idle = srv.rss_bytes()
+        base_id = httpx.get(srv.url + "/ready").json()["model"]
+        http_run(srv.url, lambda i: base_id, prompts[:16], 4, args.concurrency)  # warm-up
+        http_run(srv.url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)
+        rows.append(("(a) clora base only", *http_run(srv.url, lambda i: base_id, prompts, args.new_tokens,
+                                                      args.concurrency)))
+        rows.append(("(b) clora mixed 8 adapters", *http_run(srv.url, lambda i: names[i % 8], prompts,
+                                                             args.new_tokens, args.concurrency)))
+    if not args.skip_peft:
+        model = peft_model(model_dir, adapters, dtype, str(device))
+        n = args.naive_requests
+        rows.append((f"(c) PEFT set_adapter+generate, 1 at a time ({n} req)",
+                     *peft_naive(model, tok, names, prompts[:n], args.new_tokens, device)))
+        rows.append(("(d) PEFT mixed batch adapter_names",
+                     *peft_mixed(model, tok, names, prompts, args.new_tokens, args.concurrency, device)))
+        del model
+    if args.vllm_url:
+        vm = args.vllm_model or httpx.get(args.vllm_url + "/v1/models").json()["data"][0]["id"]
+        rows.append(("(e) vLLM base only", *http_run(args.vllm_url, lambda i: vm, prompts, args.new_tokens,
+                                                     args.concurrency)))
+        rows.append(("(e) vLLM mixed 8 adapters", *http_run(args.vllm_url, lambda i: names[i % 8], prompts,
+                                                            args.new_tokens, args.concurrency)))
+
+    tps = {}
+    print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} requests={args.requests} "
+          f"concurrency={args.concurrency} new_tokens={args.new_tokens}")
+    print(f"{'path':58s} {'seconds':>9s} {'tokens':>7s} {'tok/s':>9s}")
+    for name, secs, toks in rows:
+        tps[name[:3]] = toks / secs
+        print(f"{name:58s} {secs:9.2f} {toks:7d} {toks / secs:9.1f}")
+    a, b = tps.get("(a)"), tps.get("(b)")
+    print("\nratios:")
+    if a and b:
+        print(f"  (b)/(a) mixed vs base          = {b / a:.2f}   (target >= 0.85)")
+    if b and "(c)" in tps:
+        print(f"  (b)/(c) vs naive PEFT          = {b / tps['(c)']:.1f}   (target >= 10)")
+    if b and "(d)" in tps:
+        print(f"  (b)/(d) vs PEFT mixed batch    = {b / tps['(d)']:.2f}   (target >= 1.5)")
+    vl = [(n, s, t) for n, s, t in rows if n.startswith("(e)")]
+    if vl and a and b:
+        print(f"  (a)/vLLM base                  = {a / (vl[0][2] / vl[0][1]):.2f}   (target >= 1.0)")
+        print(f"  (b)/vLLM mixed                 = {b / (vl[1][2] / vl[1][1]):.2f}   (target >= 3)")
+    print(f"\nstart to /ready: {ready_s:.1f} s (goal <= 10 s)   idle RSS: {rss_idle / 2**30:.2f} GiB (goal <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()
