@@ -110,13 +110,14 @@ def main() -> None:
     ap.add_argument("--vllm-url", default=None)
     ap.add_argument("--vllm-model", default=None)
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--base-model", default=None, help="HF model dir (default: the embedded SmolLM2)")
     args = ap.parse_args()
 
     from base_model.loader import embedded_model_dir, pick_device, pick_dtype
     from transformers import AutoTokenizer
 
     cache = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", ROOT / ".model_cache"))
-    model_dir = embedded_model_dir(cache)
+    model_dir = Path(args.base_model) if args.base_model else embedded_model_dir(cache)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     if args.threads:
@@ -130,7 +131,7 @@ def main() -> None:
         adapters[name] = make_peft_adapter(model_dir, work / "adapters" / name, r=8 if i % 2 else 16, seed=100 + i,
                                            std=0.01)
     names = list(adapters)
-    env = {"CLORA_ADAPTERS_DIR": str(work / "adapters"), "CLORA_MODEL_CACHE_DIR": str(cache),
+    env = {"CLORA_BASE_MODEL": str(model_dir) if args.base_model else "", "CLORA_ADAPTERS_DIR": str(work / "adapters"), "CLORA_MODEL_CACHE_DIR": str(cache),
            "CLORA_DTYPE": str(dtype).replace("torch.", ""), "CLORA_DEVICE": str(device), "CLORA_ROUTER": "hint",
            "CLORA_MAX_BATCH_SIZE": str(args.concurrency), "CLORA_MAX_LORAS": "8"}
     if args.threads:
