@@ -26,3 +26,22 @@ def test_queue_full_is_503_with_retry_after(tiny_llama_dir: Path, tiny_adapters:
             assert r.json()["error"]["type"] == "overloaded_error"
         else:
             assert r.json()["usage"]["completion_tokens"] == 300
+
+
+def test_more_adapters_than_slots_wait_their_turn(tiny_llama_dir: Path, tiny_adapters: Path, tmp_path: Path) -> None:
+    """3 adapters, 2 compute slots: every request completes, each equal to its output alone, none fails."""
+    env = tiny_env(tiny_llama_dir, tiny_adapters, CLORA_MAX_LORAS="2", CLORA_MAX_CPU_LORAS="2")
+    jobs = [(["alpha", "beta", "gamma"][i % 3], f"prompt number {i}") for i in range(12)]
+
+    def run(job: tuple[str, str]) -> str:
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": job[0], "prompt": job[1], "max_tokens": 20, "temperature": 0, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    with ServerProcess(env, tmp_path / "log") as srv:
+        alone = [run(j) for j in jobs]
+        with cf.ThreadPoolExecutor(12) as ex:
+            together = list(ex.map(run, jobs))
+        assert together == alone
+        assert srv.metric("clora_adapter_evictions_total", {"tier": "slot"}) > 0
