@@ -62,7 +62,8 @@ class RoutingService:
             d = self.explicit(target)
         else:
             d = self._auto(text)
-        self._hook("routed", d.method, d.confidence)
+        if self.hooks is not None:  # metric hooks log their own failures, never raise
+            self.hooks.routed(d.method, d.confidence)
         return d
 
     def _auto(self, text: str) -> Decision:
@@ -86,9 +87,3 @@ class RoutingService:
             return Decision(BASE_ADAPTER, "fallback", d.confidence, None)
         return Decision(m.name, d.method, d.confidence, m.version)
 
-    def _hook(self, name: str, *args: object) -> None:
-        if self.hooks is not None:
-            try:
-                getattr(self.hooks, name)(*args)
-            except Exception:
-                log.debug("hook %s failed", name, exc_info=True)

@@ -1,0 +1,68 @@
+"""Row sampling and text assembly, on the real SmolLM2 tokenizer (no model needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.engine.sampling import RowSampler, SamplingParams, TextAssembler
+from server.engine.slots import SlotTable
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_greedy_and_top_k_1_pick_the_argmax() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    best = int(logits.argmax())
+    assert RowSampler(SamplingParams(temperature=0))(logits) == best
+    assert RowSampler(SamplingParams(temperature=1.0, top_k=1, seed=3))(logits) == best
+
+
+def test_seed_reproducible_and_top_p_restricts_support() -> None:
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=1.0, seed=42)
+    a = [RowSampler(p)(logits) for _ in range(3)]
+    s1, s2 = RowSampler(p), RowSampler(p)
+    assert [s1(logits) for _ in range(20)] == [s2(logits) for _ in range(20)] and len(set(a)) == 1
+    top = set(torch.topk(logits, 5).indices.tolist())
+    probs = torch.softmax(logits, -1)
+    mass = float(torch.sort(probs, descending=True).values[:5].sum())
+    s = RowSampler(SamplingParams(temperature=1.0, top_p=mass - 1e-4, seed=7))
+    assert {s(logits) for _ in range(200)} <= top
+
+
+def test_stop_string_is_held_back_then_cut(tok) -> None:
+    ids = tok("Hello world. The END is near")["input_ids"]
+    asm = TextAssembler(tok, ("END",))
+    emitted = ""
+    for t in ids:
+        emitted += asm.add(t)
+        if asm.stopped:
+            break
+    assert asm.stopped and emitted == "Hello world. The " and "E" not in emitted.split("The")[-1]
+
+
+def test_no_stop_emits_everything_and_utf8_is_never_split(tok) -> None:
+    text = "naïve café — 日本語 ✓"
+    asm = TextAssembler(tok, ())
+    out = "".join(asm.add(t) for t in tok(text)["input_ids"]) + asm.finish()
+    assert out == text and "\ufffd" not in out
+
+
+def test_slot_table_evicts_lru_unpinned_and_respects_holds() -> None:
+    t = SlotTable(2)
+    t.assign(0, ("a", 1), 8)
+    t.assign(1, ("b", 1), 8)
+    t.pin(0)
+    assert t.free_or_victim() == (1, ("b", 1))
+    t.hold(1, True)
+    assert t.free_or_victim() is None  # a pinned row and an operator hold: nothing can go
+    t.unpin(0)
+    assert t.free_or_victim() == (0, ("a", 1))
