@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from adapters_store.registry import AdapterRegistry
 from router.base import BASE_ADAPTER, Decision, Router
@@ -25,9 +26,10 @@ class RoutingService:
     """Resolves targets; keeps the router trained on the registered adapters' examples."""
 
     def __init__(self, cfg: RouterConfig, registry: AdapterRegistry, base_id: str,
-                 router: Router | None = None, hooks: object | None = None) -> None:
+                 router: Router | None = None, hooks: object | None = None, state_dir: Path | None = None) -> None:
         self.cfg, self.registry, self.base_id = cfg, registry, base_id
         self.router = router
+        self.state_dir = state_dir  # where the trained router is persisted (JSON/npz, never pickle)
         self.hooks = hooks
         self._refit_lock = threading.Lock()
 
@@ -40,6 +42,8 @@ class RoutingService:
             examples = self.registry.examples()
             try:
                 self.router.fit(examples)
+                if self.state_dir is not None and hasattr(self.router, "save"):
+                    self.router.save(self.state_dir)
             except Exception:
                 log.exception("router refit failed; keeping the previous model")
 

@@ -53,8 +53,9 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     registry = AdapterRegistry(store, ec.max_cpu_loras, hooks=metrics)
     engine = build_engine(loaded, ec, registry.weights, mc.max_model_len, hooks=metrics)
     model_id = mc.served_model_name or loaded.name
-    router = make_configured_router(settings.routing, loaded, engine)
-    routing = RoutingService(settings.routing, registry, model_id, router, hooks=metrics)
+    router = make_configured_router(settings.routing, loaded, engine, registry)
+    routing = RoutingService(settings.routing, registry, model_id, router, hooks=metrics,
+                             state_dir=settings.adapters_dir / ".router")
     registry.add_listener(routing.on_adapter_change)
     registry.add_listener(lambda name, m: engine.drop_adapter(name) if m is None else None)
     registry.add_listener(lambda name, m: metrics.set_known_adapters(registry.names()))

@@ -62,6 +62,18 @@ class _Row:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+class _Borrow:
+    def __init__(self, engine: "Engine") -> None:
+        self.engine = engine
+
+    def __enter__(self) -> None:
+        self.engine.model_lock.acquire()
+        self.engine.lora_batch.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.engine.model_lock.release()
+
+
 class Engine:
     """Owns the model loop. ``submit`` is thread-safe; everything else runs on the engine thread."""
 
@@ -178,6 +190,11 @@ class Engine:
                 self.slots.hold(slot, held)
 
         return self.call_soon(fn)
+
+    @property
+    def borrow_guard(self) -> "_Borrow":
+        """A reusable context manager: hold the model between two steps, with no adapter applied."""
+        return _Borrow(self)
 
     def resident(self) -> list[AdapterKey]:
         return self.slots.keys()

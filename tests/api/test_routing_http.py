@@ -1,0 +1,98 @@
+"""Routing from the prompt over HTTP: register adapters with examples, then send `model: auto`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import tiny_env
+from tests.engine.peft_helpers import make_peft_adapter
+from tests.server_proc import ServerProcess
+
+TOKEN = "routing-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SPORTS = ["The striker scored twice in the final minutes of the match", "The team won the championship game",
+          "The coach praised the goalkeeper after the derby", "A record crowd watched the tennis final",
+          "The quarterback threw three touchdowns", "The league suspended the player for two matches"]
+COOKING = ["Whisk the eggs with sugar and fold in the flour", "Simmer the tomato sauce with garlic and basil",
+           "Preheat the oven and bake the bread for forty minutes", "Season the soup with salt and pepper",
+           "Marinate the chicken overnight in yogurt and spices", "Knead the dough until it is smooth"]
+FINANCE = ["The central bank raised interest rates by a quarter point", "Shares fell after the earnings report",
+           "The bond yield climbed as inflation data surprised", "Investors moved money into index funds",
+           "The company issued new stock to pay its debt", "Quarterly revenue beat analyst forecasts"]
+
+
+@pytest.fixture(scope="module")
+def sources(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("route-src")
+    return {"sports": make_peft_adapter(tiny_llama_dir, root / "sports", r=4, seed=41, std=0.3),
+            "cooking": make_peft_adapter(tiny_llama_dir, root / "cooking", r=4, seed=42, std=0.3),
+            "finance": make_peft_adapter(tiny_llama_dir, root / "finance", r=4, seed=43, std=0.3)}
+
+
+def _register(srv, name: str, path: Path, examples: list[str]) -> None:
+    jsonl = "".join(json.dumps({"prompt": e}) + "\n" for e in examples).encode()
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for p in path.iterdir():
+            z.write(p, p.name)
+    r = httpx.post(srv.url + "/admin/adapters", headers=AUTH, timeout=60, data={"name": name},
+                   files={"file": ("a.zip", buf.getvalue()), "examples": ("e.jsonl", jsonl)})
+    assert r.status_code == 201, r.text
+
+
+def _auto(srv, prompt: str) -> httpx.Response:
+    return httpx.post(srv.url + "/v1/completions", timeout=60,
+                      json={"model": "auto", "prompt": prompt, "max_tokens": 4, "temperature": 0})
+
+
+def test_auto_routes_by_content(tiny_llama_dir: Path, sources, tmp_path: Path) -> None:
+    env = tiny_env(tiny_llama_dir, tmp_path / "store", CLORA_ROUTER="tfidf", CLORA_ADMIN_TOKEN=TOKEN,
+                   CLORA_ROUTER_MIN_CONFIDENCE="0.34")
+    with ServerProcess(env, tmp_path / "log") as srv:
+        assert _auto(srv, "anything").json()["route"]["method"] == "fallback"  # nothing to route to yet
+        _register(srv, "sports", sources["sports"], SPORTS)
+        _register(srv, "cooking", sources["cooking"], COOKING)
+        _register(srv, "finance", sources["finance"], FINANCE)
+        r = _auto(srv, "The midfielder scored a late goal and the team won the match").json()
+        assert r["route"]["adapter"] == "sports" and r["route"]["method"] == "tfidf"
+        assert r["route"]["confidence"] >= 0.34
+        hinted = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "model": "sports", "prompt": "The midfielder scored a late goal and the team won the match",
+            "max_tokens": 4, "temperature": 0}).json()
+        assert hinted["choices"] == r["choices"]  # auto-routed output equals the explicitly chosen adapter's
+        g = httpx.post(srv.url + "/v1/generate", timeout=60,
+                       json={"prompt": "Bake the cake and whisk the cream with sugar", "max_tokens": 3}).json()
+        assert g["adapter"] == "cooking" and g["route"]["method"] == "tfidf"
+        assert (tmp_path / "store" / ".router").is_dir()  # persisted next to the store
+        assert not list((tmp_path / "store" / ".router").rglob("*.pkl"))
+        assert httpx.delete(srv.url + "/admin/adapters/sports", headers=AUTH).status_code == 204
+        after = _auto(srv, "The midfielder scored a late goal and the team won the match")
+        if after.status_code == 200:
+            assert after.json()["route"]["adapter"] in ("cooking", "finance", "__base__")
+        assert srv.metric("clora_routing_decisions_total", {"method": "tfidf"}) >= 2
+
+
+@pytest.mark.parametrize("on_low", ["fallback", "reject"])
+def test_below_the_confidence_floor(tiny_llama_dir: Path, sources, tmp_path: Path, on_low: str) -> None:
+    """A floor no answer reaches: every auto request falls back to the base model (saying so) or is rejected."""
+    env = tiny_env(tiny_llama_dir, tmp_path / "store", CLORA_ROUTER="tfidf", CLORA_ADMIN_TOKEN=TOKEN,
+                   CLORA_ROUTER_MIN_CONFIDENCE="0.95", CLORA_ROUTER_ON_LOW_CONFIDENCE=on_low)
+    with ServerProcess(env, tmp_path / "log") as srv:
+        _register(srv, "sports", sources["sports"], SPORTS)
+        _register(srv, "cooking", sources["cooking"], COOKING)
+        low = _auto(srv, "xylophone quantum umbrella")
+        if on_low == "fallback":
+            assert low.status_code == 200
+            assert low.json()["route"]["method"] == "fallback" and low.json()["route"]["adapter"] == "__base__"
+            assert 0 < low.json()["route"]["confidence"] < 0.95
+        else:
+            assert low.status_code == 422
+            err = low.json()["error"]
+            assert err["type"] == "routing_error" and "confident" in err["message"] and "sports" in err["message"]
