@@ -65,15 +65,18 @@ class AdapterRegistry:
         return out
 
     # ---- CPU tier -----------------------------------------------------------------------------------
-    def weights(self, key: tuple[str, int]) -> AdapterWeights:
-        """Decoded weights of one version, from the CPU tier or the store (then cached)."""
+    def weights(self, key: tuple[str, int], verify: bool = True) -> AdapterWeights:
+        """Decoded weights of one version, from the CPU tier or the store (then cached).
+
+        ``verify`` checks the files' sha256 against the manifest (skipped only right after our own write).
+        """
         with self._lock:
             w = self._cpu.get(key)
             if w is not None:
                 self._cpu.move_to_end(key)
                 return w
         t0 = time.perf_counter()
-        w = self.store.load(key[0], key[1])
+        w = self.store.load(key[0], key[1], verify=verify)
         self._hook("adapter_loaded", key[0], "cpu", time.perf_counter() - t0)
         self._put(key, w)
         return w
@@ -119,7 +122,7 @@ class AdapterRegistry:
     def _announce(self, name: str, manifest: Manifest | None) -> None:
         if manifest is not None:  # warm the CPU tier: the first request should not pay the disk read
             try:
-                self.weights((manifest.name, manifest.version))
+                self.weights((manifest.name, manifest.version), verify=False)  # just written and verified
             except Exception:
                 log.warning("could not preload %s", manifest.key, exc_info=True)
         for fn in self._listeners:

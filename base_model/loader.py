@@ -20,6 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "clora-serve"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

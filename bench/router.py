@@ -12,6 +12,7 @@ four sentiment tasks for every kind.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from router.calibration import expected_calibration_error  # noqa: E402
 from router.registry import make_router  # noqa: E402
+from base_model.loader import DEFAULT_CACHE_DIR  # noqa: E402
 
 STANDARD = ["dbpedia", "amazon", "yahoo", "agnews"]
 SENTIMENT = ["amazon", "yelp", "imdb", "sst2"]
@@ -51,7 +53,7 @@ def base_hidden_embed(layer: int | None, max_tokens: int) -> Callable[[list[str]
     from base_model.loader import embedded_model_dir
     from router.base_hidden import hidden_state_embedder
 
-    d = embedded_model_dir(ROOT / ".model_cache")
+    d = embedded_model_dir(Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR)))
     model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(d)
     return hidden_state_embedder(model, tok, layer=layer, max_tokens=max_tokens)

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.engine.peft_helpers import make_peft_adapter  # noqa: E402
+from base_model.loader import DEFAULT_CACHE_DIR  # noqa: E402
 from tests.server_proc import ServerProcess  # noqa: E402
 
 TOPICS = ["the history of the Roman empire", "how photosynthesis works", "the rules of chess",
@@ -116,7 +117,7 @@ def main() -> None:
     from base_model.loader import embedded_model_dir, pick_device, pick_dtype
     from transformers import AutoTokenizer
 
-    cache = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", ROOT / ".model_cache"))
+    cache = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR))
     model_dir = Path(args.base_model) if args.base_model else embedded_model_dir(cache)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
 BASE_ADAPTER = "__base__"  # reserved name: the plain base model, no adapter
@@ -35,3 +36,14 @@ class Router(Protocol):
 
 
 RouterFactory = Callable[..., Router]
+
+
+@runtime_checkable
+class PersistentRouter(Router, Protocol):
+    """A router whose trained state can be written to and read from a directory (JSON / npz, never pickle)."""
+
+    def save(self, directory: str | Path) -> None:
+        """Write the current state into ``directory``."""
+
+    def load(self, directory: str | Path) -> None:
+        """Replace the current state with the one saved in ``directory`` (atomically for route())."""

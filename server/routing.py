@@ -32,6 +32,9 @@ class RoutingService:
         self.state_dir = state_dir  # where the trained router is persisted (JSON/npz, never pickle)
         self.hooks = hooks
         self._refit_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._dirty = False
+        self._worker: threading.Thread | None = None
 
     # ---- training ----------------------------------------------------------------------------------
     def refit(self) -> None:
@@ -48,7 +51,22 @@ class RoutingService:
                 log.exception("router refit failed; keeping the previous model")
 
     def on_adapter_change(self, name: str, manifest: object) -> None:
-        self.refit()
+        """Retrain in the background (coalescing bursts); requests keep the current router meanwhile."""
+        with self._pending_lock:
+            self._dirty = True
+            if self._worker is not None and self._worker.is_alive():
+                return
+            self._worker = threading.Thread(target=self._refit_loop, name="router-refit", daemon=True)
+            self._worker.start()
+
+    def _refit_loop(self) -> None:
+        while True:
+            with self._pending_lock:
+                if not self._dirty:
+                    self._worker = None
+                    return
+                self._dirty = False
+            self.refit()
 
     # ---- deciding ----------------------------------------------------------------------------------
     def is_base(self, name: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from base_model.loader import DEFAULT_CACHE_DIR
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
     )
     served_model_name: str | None = Field(None, description="Model id shown in /v1/models (default: dir name).")
     model_cache_dir: Path = Field(
-        Path.home() / ".cache" / "clora-serve", description="Where the GGUF is converted to safetensors once."
+        DEFAULT_CACHE_DIR, description="Where the GGUF is converted to safetensors once."
     )
     dtype: str = Field("auto", description="float32 | bfloat16 | float16 | auto (bf16 on CUDA or AMX/AVX512-BF16 CPUs).")
     device: str = Field("auto", description="cpu | cuda | cuda:N | auto (CUDA when present).")

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from base_model.loader import DEFAULT_CACHE_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
-MODEL_CACHE = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", ROOT / ".model_cache"))
+MODEL_CACHE = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR))  # where `clora prepare-model` writes
 DATA_DIR = ROOT.parent / "shared" / "data" / "cl_benchmark"
 
 torch.set_num_threads(int(os.environ.get("CLORA_NUM_THREADS", "2")))

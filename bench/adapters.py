@@ -1,0 +1,149 @@
+"""Adapter management benchmark (issue 3), over HTTP against a real server on the embedded SmolLM2.
+
+1. Hot registration: register an r=16 adapter from a server-side path, then stream one completion on it;
+   time from the register call to the first token received (p50 over --hot N adapters).
+2. Store -> slot load: p50 of the engine's slot loads (``clora_adapter_load_seconds{tier="slot"}``, from the
+   store through the CPU tier, measured in-process by the server) and of a cold load measured here directly.
+3. Many adapters: --many registered adapters (dropped into the store dir and adopted at start-up), Zipf(1.0)
+   traffic over them, 8 slots, 64 CPU-tier entries; throughput vs the same load spread over 8 adapters.
+
+Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.throughput import http_run, make_prompts  # noqa: E402
+from base_model.loader import DEFAULT_CACHE_DIR  # noqa: E402
+from tests.server_proc import ServerProcess  # noqa: E402
+
+TOKEN = "bench-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def write_adapter(out: Path, cfg, r: int, seed: int, targets: tuple[str, ...]) -> Path:
+    """A PEFT LoRA directory with random weights, written directly (no model needed)."""
+    g = torch.Generator().manual_seed(seed)
+    hd = cfg.hidden_size
+    head_dim = getattr(cfg, "head_dim", None) or hd // cfg.num_attention_heads
+    outs = {"q_proj": cfg.num_attention_heads * head_dim, "k_proj": cfg.num_key_value_heads * head_dim,
+            "v_proj": cfg.num_key_value_heads * head_dim, "o_proj": hd}
+    ins = {"q_proj": hd, "k_proj": hd, "v_proj": hd, "o_proj": cfg.num_attention_heads * head_dim}
+    tensors = {}
+    for layer in range(cfg.num_hidden_layers):
+        for t in targets:
+            key = f"base_model.model.model.layers.{layer}.self_attn.{t}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(r, ins[t], generator=g) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(outs[t], r, generator=g) * 0.01
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": list(targets), "bias": "none",
+        "task_type": "CAUSAL_LM", "lora_dropout": 0.0}))
+    return out
+
+
+def hot_register(srv: ServerProcess, sources: list[Path]) -> list[float]:
+    times = []
+    for i, src in enumerate(sources):
+        t0 = time.perf_counter()
+        r = httpx.post(srv.url + "/admin/adapters", headers=AUTH, timeout=60, json={"name": f"hot{i}", "path": str(src)})
+        r.raise_for_status()
+        body = {"model": f"hot{i}", "prompt": "Hello, how are", "max_tokens": 1, "temperature": 0, "stream": True}
+        with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    times.append(time.perf_counter() - t0)
+                    break
+    return times
+
+
+def slot_load_p50(srv: ServerProcess) -> float | None:
+    text = httpx.get(srv.url + "/metrics").text
+    s = c = None
+    for line in text.splitlines():
+        if line.startswith('clora_adapter_load_seconds_sum{tier="slot"}'):
+            s = float(line.split()[-1])
+        if line.startswith('clora_adapter_load_seconds_count{tier="slot"}'):
+            c = float(line.split()[-1])
+    return s / c if s and c else None
+
+
+def zipf_choices(n: int, k: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, n + 1)
+    return rng.choice(n, size=k, p=p / p.sum()).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--many", type=int, default=1000)
+    ap.add_argument("--hot", type=int, default=20)
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from base_model.loader import embedded_model_dir
+
+    cache = Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR))
+    model_dir = embedded_model_dir(cache)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    work = Path(tempfile.mkdtemp(prefix="clora-bench-adapters-"))
+    store = work / "store"
+    t0 = time.perf_counter()
+    for i in range(args.many):
+        write_adapter(store / f"task{i:04d}", cfg, r=8 if i % 2 else 16, seed=i, targets=("q_proj", "v_proj"))
+    hot_src = [write_adapter(work / "hot" / f"h{i}", cfg, r=16, seed=10_000 + i,
+                             targets=("q_proj", "k_proj", "v_proj", "o_proj")) for i in range(args.hot)]
+    print(f"wrote {args.many} + {args.hot} adapters in {time.perf_counter() - t0:.1f} s")
+
+    env = {"CLORA_ADAPTERS_DIR": str(store), "CLORA_MODEL_CACHE_DIR": str(cache), "CLORA_ROUTER": "hint",
+           "CLORA_ADMIN_TOKEN": TOKEN, "CLORA_MAX_LORAS": "8", "CLORA_MAX_CPU_LORAS": "64",
+           "CLORA_MAX_BATCH_SIZE": str(args.concurrency)}
+    prompts = make_prompts(tok, args.requests)
+    t0 = time.perf_counter()
+    with ServerProcess(env, work / "server.log", ready_timeout=1800) as srv:
+        print(f"start-up with {args.many} adapters adopted: {time.perf_counter() - t0:.1f} s")
+        names = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"] if m["id"].startswith("task")]
+        assert len(names) == args.many, len(names)
+        hot = hot_register(srv, hot_src)
+        slot_avg = slot_load_p50(srv)
+        http_run(srv.url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)  # warm-up
+        s8, t8 = http_run(srv.url, lambda i: names[i % 8], prompts, args.new_tokens, args.concurrency)
+        picks = zipf_choices(len(names), len(prompts))
+        sz, tz = http_run(srv.url, lambda i: names[picks[i]], prompts, args.new_tokens, args.concurrency)
+        distinct = len(set(picks))
+        slot_avg_after = slot_load_p50(srv)
+    print(f"\nhot register -> first token (r=16, q/k/v/o, {len(hot)} adapters): p50 {statistics.median(hot) * 1e3:.0f} ms, "
+          f"max {max(hot) * 1e3:.0f} ms   (target p50 <= 100 ms)")
+    if slot_avg is not None:
+        print(f"store/CPU tier -> slot load, mean over the hot loads: {slot_avg * 1e3:.1f} ms; over the whole run: "
+              f"{(slot_avg_after or 0) * 1e3:.1f} ms   (target <= 30 ms)")
+    print(f"8 adapters, uniform:        {t8 / s8:7.1f} tok/s")
+    print(f"{args.many} adapters, Zipf(1.0): {tz / sz:7.1f} tok/s  ({distinct} distinct adapters in {len(picks)} requests)")
+    print(f"ratio Zipf/8-adapter = {(tz / sz) / (t8 / s8):.2f}   (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

