@@ -42,8 +42,12 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early; log:\n{self.log_path.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                r = httpx.get(self.url + "/ready", timeout=2)
+                if r.status_code == 200:
                     return self
+                if "failed to load" in r.text:
+                    self.stop()
+                    raise RuntimeError(f"server start-up failed: {r.text}; log:\n{self.log_path.read_text()[-3000:]}")
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
