@@ -1,0 +1,61 @@
+"""The trainer's options, one validated dataclass shared by the CLI, the runner and the checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .errors import ContinualError
+
+
+@dataclass
+class TrainConfig:
+    """Options every method takes where it applies (unused ones are ignored by a method and recorded anyway)."""
+
+    method: str = "seq"
+    rank: int = 8  # LoRA rank per branch / of the shared pair
+    alpha: float = 16.0  # scale = alpha / rank
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lr: float = 5e-4
+    epochs: int = 1
+    batch_size: int = 8
+    seed: int = 0
+    rehearsal: float = 0.0  # replay this fraction (of the current task's size) of earlier tasks' train examples
+    ewc_lambda: float = 0.0  # EWC penalty on parameters shared across tasks (0 = off)
+    max_train: int | None = None
+    max_test: int | None = None
+    max_input_chars: int = 1000
+    max_new_tokens: int = 8
+    eval_batch_size: int = 32
+    olora_lambda: float = 0.5  # O-LoRA λ1 (also used by gainlora's branches)
+    clora_lambda: float = 0.01  # C-LoRA orthogonality penalty weight
+    gate_hidden: int = 100  # GainLoRA gate MLP hidden size
+    gate_dim: int = 64  # GainLoRA gate output / key size
+    name: str = ""  # adapter name prefix for exports and registration (default: the method name)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank must be >= 1 (got {self.rank})")
+        if self.alpha <= 0:
+            problems.append(f"alpha must be > 0 (got {self.alpha})")
+        if self.lr <= 0:
+            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.epochs < 1 or self.batch_size < 1:
+            problems.append("epochs and batch size must be >= 1")
+        if not 0.0 <= self.rehearsal <= 1.0:
+            problems.append(f"rehearsal ratio must be in [0, 1] (got {self.rehearsal})")
+        if self.ewc_lambda < 0 or self.olora_lambda < 0 or self.clora_lambda < 0:
+            problems.append("penalty weights (ewc, olora, clora lambdas) must be >= 0")
+        if not self.target_modules:
+            problems.append("target modules must not be empty")
+        if problems:
+            raise ContinualError("; ".join(problems))
+        if not self.name:
+            self.name = self.method
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_json(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,91 @@
+"""``clora``: C-LoRA as implemented here (no official code exists; the formulation is in docs/clora.md).
+
+Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing matrix::
+
+    ΔW_t = s · B (R_old + R_δ) A
+
+* Task 0: R_old = I (frozen), R_δ = 0; A, B (PEFT init: B = 0) and R_δ train, so task 0 is a plain LoRA.
+* After every task: fold R_old <- R_old + R_δ, R_δ <- 0, and grow the old-task subspace U (r, k) of u = A x with
+  GPM over the task's training tokens (energy threshold 0.97 + 0.003 t). This fold is the exported version.
+* Tasks t >= 1: A and B are frozen; only R_δ trains (from zero), with the penalty
+  ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use.
+
+Guarantees (tested): at the start of every task the model equals the previous version (R_δ = 0); for any input
+with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0, so the penalty bounds the drift on old inputs by
+s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task: the served version is a PEFT LoRA with
+B' = B (R_old + R_δ).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..gpm import gpm_threshold, gpm_update_cov
+from . import register_method
+from .base import Method
+
+
+@register_method("clora")
+class CLoRA(Method):
+    wants_memory = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bases: dict[str, torch.Tensor] = {}  # path -> U (r, k) of old tasks' u = A x
+
+    def begin_task(self, t: int) -> list[nn.Parameter]:
+        r = self.cfg.rank
+        params: list[nn.Parameter] = []
+        if t == 0 or not any(len(layer.As) for layer in self.layers.values()):
+            params = self.reset_single_branch()
+            for layer in self.layers.values():
+                layer.R_old = torch.eye(r, device=self.device)
+        for layer in self.layers.values():
+            layer.As[0].requires_grad_(t == 0)
+            layer.Bs[0].requires_grad_(t == 0)
+            layer.R_delta = nn.Parameter(torch.zeros(r, r, device=self.device))
+            params.append(layer.R_delta)
+        return params
+
+    def penalty(self) -> torch.Tensor | None:
+        if not self.bases or self.cfg.clora_lambda == 0:
+            return None
+        terms = [(layer.R_delta @ self.bases[p].to(layer.R_delta.device)).pow(2).sum()
+                 for p, layer in self.layers.items() if p in self.bases]
+        return self.cfg.clora_lambda * torch.stack(terms).sum()
+
+    def overlap(self) -> float:
+        """Σ ||R_δ U||_F² over modules: how much the current increment acts on old tasks' subspace."""
+        with torch.no_grad():
+            return float(sum((l.R_delta @ self.bases[p].to(l.R_delta.device)).pow(2).sum()
+                             for p, l in self.layers.items() if p in self.bases and l.R_delta is not None))
+
+    def end_task(self, t: int) -> None:
+        """Fold R_δ into R_old; the GPM update itself needs the task's activations (``update_memory``)."""
+        for layer in self.layers.values():
+            layer.R_old = (layer.R_old + layer.R_delta.detach()).detach()
+            layer.R_delta = nn.Parameter(torch.zeros_like(layer.R_old), requires_grad=False)
+            layer.As[0].requires_grad_(False)
+            layer.Bs[0].requires_grad_(False)
+
+    def start_recording(self) -> None:
+        for layer in self.layers.values():
+            r = layer.As[0].shape[0]
+            layer.record_cov = torch.zeros(r, r, device=self.device)
+
+    def finish_recording(self, t: int) -> None:
+        for path, layer in self.layers.items():
+            cov = layer.record_cov
+            layer.record_cov = None
+            self.bases[path] = gpm_update_cov(self.bases.get(path), cov, gpm_threshold(t)).cpu()
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        for p, U in self.bases.items():
+            tensors[f"gpm.{p}"] = U
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state(tensors, meta)
+        self.bases = {k[len("gpm."):]: v for k, v in tensors.items() if k.startswith("gpm.")}

@@ -1,0 +1,177 @@
+"""``gainlora`` (GainLoRA, O-LoRA variant): a new LoRA branch per task, mixed by a per-input gate.
+
+    y = W0 x + Σ_i g_i(x) · s · B_i A_i x,   g_i = |2σ(4 cos(h(p), k_i)) − 1|,   h = SiLU(W2 SiLU(W1 p))
+
+``p`` is the mean of ``embed_tokens`` over the prompt's token ids (``tokenizer(prompt)["input_ids"]``; padding
+masked, answer tokens excluded), in float32; the formula is shared with the served kind through
+``adapters_store.loaders.gainlora.gate_values``. Per task t:
+
+* old branches and keys are frozen; a new branch (PEFT init) and key k_t are added; O-LoRA's |A_old A_newᵀ|
+  penalty (``olora_lambda``) applies to the new branch;
+* k_t starts orthogonal to the old tasks' gate outputs (random, projected off their GPM basis U_h, normalised),
+  so g_t ≈ 0 on old inputs;
+* W1, W2 and k_t train, but their change since the task began is projected off the old tasks' GPM subspaces
+  (inputs of W1: pooled prompts, U_p; inputs of W2: SiLU(W1 p), U_z; keys: gate outputs, U_h) after every step,
+  so old inputs keep their gate outputs. Threshold schedule 0.97 + 0.003 t (GPM).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapters_store.loaders.gainlora import gate_values
+
+from ..export import write_kind
+from ..gpm import gpm_threshold, gpm_update_cov, project_off
+from . import register_method
+from .base import Method
+from .olora import orthogonality_loss
+
+
+class GateMLP(nn.Module):
+    """W1 (D_h, H), W2 (D_g, D_h) without biases, and one key (D_g,) per branch."""
+
+    def __init__(self, H: int, hidden: int, out: int, gen: torch.Generator) -> None:
+        super().__init__()
+        self.W1 = nn.Parameter(torch.empty(hidden, H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H), generator=gen))
+        self.W2 = nn.Parameter(torch.empty(out, hidden).uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden),
+                                                                 generator=gen))
+        self.keys = nn.ParameterList()
+
+    def hidden(self, pooled: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(pooled.float() @ self.W1.t())  # (B, D_h)
+
+    def output(self, pooled: torch.Tensor) -> torch.Tensor:
+        return nn.functional.silu(self.hidden(pooled) @ self.W2.t())  # (B, D_g)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return gate_values(self.W1, self.W2, torch.stack(list(self.keys)), pooled)  # (B, n)
+
+
+def pooled_prompt(embed: nn.Module, prompt_ids: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Mean token embedding per prompt, padding masked: (B, H) float32 (the engine's plain mean per prompt)."""
+    L = max(len(ids) for ids in prompt_ids)
+    ids = torch.zeros(len(prompt_ids), L, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompt_ids), L, dtype=torch.float32, device=device)
+    for i, row in enumerate(prompt_ids):
+        ids[i, : len(row)] = torch.tensor(row, device=device)
+        mask[i, : len(row)] = 1
+    with torch.no_grad():
+        e = embed(ids).float()  # (B, L, H)
+    return (e * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)  # (B, H)
+
+
+@register_method("gainlora")
+class GainLoRA(Method):
+    wants_memory = True
+    memory_forward = False  # the memories are of the gate's inputs/outputs only: set_batch suffices
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        H = self.model.get_input_embeddings().embedding_dim
+        self.gate = GateMLP(H, self.cfg.gate_hidden, self.cfg.gate_dim, self.gen).to(self.device)
+        self.bases: dict[str, torch.Tensor] = {}  # "p", "z", "h" -> GPM bases
+        self._start: dict[str, torch.Tensor] = {}
+        self._recorded: dict[str, torch.Tensor] | None = None
+        self.t = 0
+
+    def begin_task(self, t: int) -> list[nn.Parameter]:
+        self.t = t
+        self.freeze_all()
+        params: list[nn.Parameter] = []
+        for layer in self.layers.values():
+            i = layer.add_branch(self.cfg.rank, self.gen)
+            params += [layer.As[i], layer.Bs[i]]
+        for k in self.gate.keys:
+            k.requires_grad_(False)
+        key = torch.randn(self.cfg.gate_dim, generator=self.gen).to(self.device)
+        key = project_off(key[None], self.bases.get("h"))[0]  # orthogonal to old gate outputs
+        self.gate.keys.append(nn.Parameter(key / key.norm().clamp_min(1e-8)))
+        self.gate.W1.requires_grad_(True)
+        self.gate.W2.requires_grad_(True)
+        self._start = {"W1": self.gate.W1.detach().clone(), "W2": self.gate.W2.detach().clone(),
+                       "key": self.gate.keys[-1].detach().clone()}
+        return params + [self.gate.W1, self.gate.W2, self.gate.keys[-1]]
+
+    def set_batch(self, prompt_ids: list[list[int]]) -> None:
+        pooled = pooled_prompt(self.model.get_input_embeddings(), prompt_ids, self.device)  # (B, H)
+        self.ctx.weights = self.gate(pooled)  # (B, n)
+        if self._recorded is not None:
+            with torch.no_grad():
+                z = self.gate.hidden(pooled)
+                h = self.gate.output(pooled)
+            for name, x in (("p", pooled), ("z", z), ("h", h)):
+                self._recorded[name] = self._recorded.get(name, 0) + x.t() @ x
+
+    def penalty(self) -> torch.Tensor | None:
+        return orthogonality_loss(self.layers, self.cfg.olora_lambda)
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep W1, W2 and the new key's change since the task began off the old tasks' subspaces."""
+        if not self.bases:
+            return
+        W1, W2, key = self.gate.W1, self.gate.W2, self.gate.keys[-1]
+        W1.copy_(self._start["W1"] + project_off(W1 - self._start["W1"], self.bases.get("p")))
+        W2.copy_(self._start["W2"] + project_off(W2 - self._start["W2"], self.bases.get("z")))
+        key.copy_(self._start["key"] + project_off((key - self._start["key"])[None], self.bases.get("h"))[0])
+
+    def end_task(self, t: int) -> None:
+        self.freeze_all()
+        for p in self.gate.parameters():
+            p.requires_grad_(False)
+
+    def start_recording(self) -> None:
+        self._recorded = {}
+
+    def finish_recording(self, t: int) -> None:
+        rec, self._recorded = self._recorded or {}, None
+        for name, cov in rec.items():
+            self.bases[name] = gpm_update_cov(self.bases.get(name), cov, gpm_threshold(t)).to(self.device)
+
+    def export(self, out_dir: Path, t: int) -> list[tuple[str, Path]]:
+        n = len(self.gate.keys)
+        tensors = {"gate.W1": self.gate.W1.detach(), "gate.W2": self.gate.W2.detach(),
+                   "gate.keys": torch.stack([k.detach() for k in self.gate.keys])}
+        for path, layer in self.layers.items():
+            for i in range(n):
+                tensors[f"lora.{path}.A.{i}"] = layer.As[i].detach()
+                tensors[f"lora.{path}.B.{i}"] = layer.Bs[i].detach()
+        any_layer = next(iter(self.layers.values()))
+        meta = {
+            "kind": "gainlora", "format_version": 1, "branches": n, "ranks": any_layer.ranks,
+            "rank": self.cfg.rank, "alpha": self.cfg.alpha, "scale": self.cfg.scale,
+            "target_modules": sorted(self.cfg.target_modules), "modules": sorted(self.layers),
+            "gate": {"input_dim": int(self.gate.W1.shape[1]), "hidden_dim": int(self.gate.W1.shape[0]),
+                     "output_dim": int(self.gate.W2.shape[0]), "activation": "silu",
+                     "pooling": "mean of embed_tokens over tokenizer(prompt)['input_ids']",
+                     "formula": "g_i = |2*sigmoid(4*cos(silu(W2 silu(W1 p)), k_i)) - 1|"},
+            "base_model": self.base_name, "tasks": [task.name for task in self.tasks[: t + 1]],
+        }
+        path = Path(out_dir) / self.cfg.name
+        write_kind(path, meta, tensors)
+        return [(self.cfg.name, path)]
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors, meta = super().state()
+        tensors["gate.W1"] = self.gate.W1.detach()
+        tensors["gate.W2"] = self.gate.W2.detach()
+        for i, k in enumerate(self.gate.keys):
+            tensors[f"gate.key.{i}"] = k.detach()
+        for name, U in self.bases.items():
+            tensors[f"gpm.{name}"] = U
+        meta["keys"] = len(self.gate.keys)
+        return tensors, meta
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        super().load_state(tensors, meta)
+        with torch.no_grad():
+            self.gate.W1.copy_(tensors["gate.W1"])
+            self.gate.W2.copy_(tensors["gate.W2"])
+        self.gate.keys = nn.ParameterList(
+            [nn.Parameter(tensors[f"gate.key.{i}"].to(self.device), requires_grad=False) for i in range(meta["keys"])])
+        self.bases = {k[4:]: v.to(self.device) for k, v in tensors.items() if k.startswith("gpm.")}

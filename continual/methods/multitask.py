@@ -1,0 +1,28 @@
+"""``multitask``: one LoRA trained jointly on all tasks' data (the usual upper bound).
+
+To fill the accuracy matrix, stage t trains a fresh LoRA on the shuffled union of tasks 0..t's training examples
+(row t is the joint model over the first t+1 tasks); the last row is the plain multi-task model.
+"""
+
+from __future__ import annotations
+
+import random
+
+from torch import nn
+
+from ..data import Example
+from . import register_method
+from .base import Method
+
+
+@register_method("multitask")
+class Multitask(Method):
+    uses_rehearsal = False
+
+    def train_examples(self, t: int) -> list[Example]:
+        pool = [ex for task in self.tasks[: t + 1] for ex in task.train]
+        random.Random(f"{self.cfg.seed}:multitask:{t}").shuffle(pool)
+        return pool
+
+    def begin_task(self, t: int) -> list[nn.Parameter]:
+        return self.reset_single_branch()

@@ -1,0 +1,79 @@
+"""C-LoRA claims (docs/clora.md): versions chain exactly, R_δ ⟂ U leaves old inputs untouched, the penalty
+reduces overlap, and only R_δ trains after the first task."""
+
+import pytest
+import torch
+
+from continual.batching import make_batch
+
+from .helpers import logits, randomize, tiny_method
+
+
+def _finish(m, loaded, t):
+    m.end_task(t)
+    m.start_recording()
+    b = make_batch(loaded.tokenizer, m.tasks[t].train, m.device)
+    m.ctx.token_mask = b.attention_mask.bool()
+    with torch.no_grad():
+        loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    m.ctx.token_mask = None
+    m.finish_recording(t)
+
+
+def test_new_task_starts_from_previous_version_and_only_routing_trains(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")
+    m.begin_task(0)
+    randomize(m, 0)
+    prompt = m.tasks[0].test[0].prompt
+    v0 = logits(loaded.model, loaded.tokenizer, prompt)
+    _finish(m, loaded, 0)
+    params = m.begin_task(1)
+    assert all(p.shape == (8, 8) for p in params)  # only R_δ per module
+    assert torch.allclose(logits(loaded.model, loaded.tokenizer, prompt), v0, atol=1e-5)
+
+
+def test_routing_orthogonal_to_old_subspace_keeps_old_updates(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")
+    m.begin_task(0)
+    randomize(m, 0)
+    _finish(m, loaded, 0)
+    m.begin_task(1)
+    path, layer = next(iter(m.layers.items()))
+    assert 0 < m.bases[path].shape[1] <= 8
+    U, _ = torch.linalg.qr(torch.randn(8, 4))  # a 4-dim old subspace, so some directions stay free
+    m.bases[path] = U  # (r, k)
+    old_dw = layer.delta_weight().detach().clone()
+    with torch.no_grad():  # an R_δ with R_δ U = 0
+        M = torch.randn(8, 8)
+        layer.R_delta.copy_(M @ (torch.eye(8) - U @ U.t()))
+    A = layer.As[0].detach()
+    x = torch.linalg.pinv(A) @ (U @ torch.randn(U.shape[1], 3))  # inputs with A x in span(U)  (in, 3)
+    assert torch.allclose(layer.delta_weight().detach() @ x, old_dw @ x, atol=1e-4)
+    assert m.overlap() < 1e-8
+    y = torch.randn(A.shape[1], 3)  # a generic input does see the change
+    assert not torch.allclose(layer.delta_weight().detach() @ y, old_dw @ y, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_penalty_reduces_overlap(tiny_llama_dir, cl_data_dir):
+    overlaps = {}
+    for lam in (0.0, 1.0):
+        loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_lambda=lam)
+        m.begin_task(0)
+        randomize(m, 0)
+        _finish(m, loaded, 0)
+        params = m.begin_task(1)
+        opt = torch.optim.Adam(params, lr=3e-2)
+        torch.manual_seed(0)
+        b = make_batch(loaded.tokenizer, m.tasks[1].train, m.device)
+        from continual.batching import answer_loss
+
+        for _ in range(5):
+            loss = answer_loss(loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
+            pen = m.penalty()
+            total = loss + pen if pen is not None else loss
+            opt.zero_grad()
+            total.backward()
+            opt.step()
+        overlaps[lam] = m.overlap()
+    assert overlaps[1.0] < 0.5 * overlaps[0.0], overlaps

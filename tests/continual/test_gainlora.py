@@ -1,0 +1,120 @@
+"""GainLoRA: padding-invariant gates, orthogonal key init, GPM projection, and the served kind reproducing it."""
+
+import torch
+
+from adapters_store.kinds import load_adapter_dir
+from continual.batching import prompt_ids
+from continual.methods.gainlora import pooled_prompt
+
+from .helpers import logits, randomize, tiny_method
+
+
+def _record_task(m, t):
+    m.start_recording()
+    m.set_batch(prompt_ids(m_tok(m), [ex.prompt for ex in m.tasks[t].train]))
+    m.finish_recording(t)
+
+
+def m_tok(m):
+    return m._tok
+
+
+def _setup(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "gainlora", n_train=6)
+    m._tok = loaded.tokenizer
+    return loaded, m
+
+
+def test_gate_ignores_padding(tiny_llama_dir, cl_data_dir):
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    m.begin_task(0)
+    short, long = "Answer: yes", m.tasks[0].train[0].prompt
+    ids = prompt_ids(loaded.tokenizer, [short, long])
+    emb = loaded.model.get_input_embeddings()
+    alone = pooled_prompt(emb, ids[:1], m.device)
+    batched = pooled_prompt(emb, ids, m.device)
+    assert torch.allclose(alone[0], batched[0], atol=1e-6)
+    # the engine's definition: plain mean of embed_tokens over tokenizer(prompt)["input_ids"]
+    ref = emb(torch.tensor(ids[0])).float().mean(0)
+    assert torch.allclose(alone[0], ref, atol=1e-6)
+    assert torch.allclose(m.gate(alone)[0], m.gate(batched)[0], atol=1e-6)
+
+
+def test_new_key_orthogonal_and_projection_keeps_old_gates(tiny_llama_dir, cl_data_dir):
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    m.begin_task(0)
+    m.end_task(0)
+    _record_task(m, 0)
+    U_h = m.bases["h"]
+    m.begin_task(1)
+    new_key = m.gate.keys[-1].detach()
+    assert torch.allclose(U_h.t() @ new_key, torch.zeros(U_h.shape[1]), atol=1e-5)
+
+    old = pooled_prompt(loaded.model.get_input_embeddings(),
+                        prompt_ids(loaded.tokenizer, [ex.prompt for ex in m.tasks[0].train]), m.device)
+    in_span = (old @ m.bases["p"]) @ m.bases["p"].t()  # old prompts' component inside the protected subspace
+    before_h = m.gate.output(in_span).detach()
+    before_g = m.gate(old).detach()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # an arbitrary (large) update of everything trainable, then the projection
+        m.gate.W1.add_(torch.randn(m.gate.W1.shape, generator=g) * 0.5)
+        m.gate.W2.add_(torch.randn(m.gate.W2.shape, generator=g) * 0.5)
+        m.gate.keys[-1].add_(torch.randn(m.gate.keys[-1].shape, generator=g))
+    m.after_step()
+    assert torch.allclose(m.gate.output(in_span), before_h, atol=1e-4)  # exact inside the subspace
+    after_g = m.gate(old).detach()
+    assert (after_g[:, 0] - before_g[:, 0]).abs().max() < 0.05  # old task's gate barely moves (GPM residual)
+    h_old = m.gate.output(old).detach()
+    cos_new = torch.nn.functional.cosine_similarity(h_old, m.gate.keys[-1].detach()[None], dim=-1)
+    assert cos_new.abs().max() < 0.1  # the new branch stays (almost) shut for old inputs
+    # without the projection the same update moves the old gate a lot
+    m.bases = {}
+    with torch.no_grad():
+        m.gate.W1.add_(torch.randn(m.gate.W1.shape, generator=g) * 0.5)
+        m.gate.W2.add_(torch.randn(m.gate.W2.shape, generator=g) * 0.5)
+    assert (m.gate(old).detach()[:, 0] - before_g[:, 0]).abs().max() > 0.05
+
+
+def _reference_forward(base_model, tokenizer, weights, prompt):
+    """Apply ΔW from AdapterWeights with forward hooks, gates from the plain mean prompt embedding."""
+    ids = tokenizer(prompt)["input_ids"]
+    pooled = base_model.get_input_embeddings()(torch.tensor(ids)).float().mean(0)  # (H,)
+    g = weights.gate(pooled)  # (n,)
+    gexp = torch.repeat_interleave(g, torch.tensor(weights.segments))  # (R,)
+    hooks = []
+    for path, pair in weights.modules.items():
+        mod = base_model.get_submodule(path)
+
+        def hook(_m, inp, out, pair=pair):
+            u = inp[0].float() @ pair.A.t() * gexp  # (B, T, R)
+            return out + pair.scale * (u @ pair.B.t()).to(out.dtype)
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return base_model(input_ids=torch.tensor([ids])).logits[0].float()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_gainlora_export_reproduces_trainer(tmp_path, tiny_llama_dir, cl_data_dir):
+    from .helpers import tiny
+
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    for t in range(2):
+        m.begin_task(t)
+        randomize(m, t, gen_seed=t + 5)
+        m.end_task(t)
+        _record_task(m, t)
+    [(name, path)] = m.export(tmp_path / "adapters", 1)
+    w = load_adapter_dir(path)
+    assert w.kind == "gainlora" and w.segments == (8, 8) and w.rank == 16
+    base = tiny(tiny_llama_dir).model
+    for ex in (m.tasks[0].test[0], m.tasks[1].test[0]):
+        m.set_batch(prompt_ids(loaded.tokenizer, [ex.prompt]))
+        want = logits(loaded.model, loaded.tokenizer, ex.prompt)
+        got = _reference_forward(base, loaded.tokenizer, w, ex.prompt)
+        assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    pooled = torch.randn(2, base.get_input_embeddings().embedding_dim)
+    assert w.gate(pooled[0]).shape == (2,) and w.gate(pooled).shape == (2, 2)
