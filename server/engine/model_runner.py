@@ -151,20 +151,30 @@ class ModelRunner:
         Returns next-token logits (n, V). The caller then increments each row's length.
         """
         n = len(tokens)
-        L = max(lens) + 1
-        self.ensure_capacity(L)
+        need = max(lens) + 1
+        self.ensure_capacity(need)
+        # Attending over the whole allocation makes K[:n] a contiguous view (no copy); worth it unless the
+        # allocation is much longer than any live row.
+        L = self.alloc_len if self.alloc_len <= max(512, 2 * need) else need
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device).view(n, 1)
         pos_t = torch.tensor(lens, dtype=torch.long, device=self.device)
         h, rope = self._embed_positions(ids, pos_t.view(n, 1))
         mask = (torch.arange(L, device=self.device).view(1, L) <= pos_t.view(n, 1)).view(n, 1, 1, L)
         rows = torch.arange(n, device=self.device)
 
+        bias = torch.zeros(n, 1, 1, L, dtype=torch.float32, device=self.device).masked_fill_(~mask, float("-inf"))
+        group = self.n_heads // self.n_kv
+
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             K, V = self.K[i], self.V[i]
             K[rows, :, pos_t] = k[:, :, 0]
             V[rows, :, pos_t] = v[:, :, 0]
-            return F.scaled_dot_product_attention(q, K[:n, :, :L], V[:n, :, :L], attn_mask=mask,
-                                                  scale=self.scaling, enable_gqa=self.n_kv != self.n_heads)
+            # One query per row: plain matmuls beat the fused kernel here (GQA heads grouped per KV head).
+            qg = q.view(n, self.n_kv, group, self.head_dim)  # (n, kv, g, D)
+            scores = torch.matmul(qg, K[:n, :, :L].transpose(-1, -2)).float() * self.scaling  # (n, kv, g, L)
+            probs = torch.softmax(scores + bias, dim=-1).to(v.dtype)
+            out = torch.matmul(probs, V[:n, :, :L])  # (n, kv, g, D)
+            return out.view(n, self.n_heads, 1, self.head_dim)
 
         for i in range(len(self.layers)):
             h = self._layer(i, h, rope, attend)
