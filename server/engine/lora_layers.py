@@ -88,6 +88,8 @@ class SlotLoRALinear(nn.Module):
         self.register_buffer("A", torch.zeros(num_slots, max_rank, self.in_features, dtype=w.dtype, device=w.device))
         self.register_buffer("Bs", torch.zeros(num_slots, max_rank, self.out_features, dtype=w.dtype, device=w.device))
         self.present = [False] * num_slots  # slot holds a non-empty update for this module
+        self._version = 0  # bumped on every slot write: invalidates the packed copy below
+        self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, A_u, B_u)
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device)
@@ -104,20 +106,29 @@ class SlotLoRALinear(nn.Module):
         self.A[slot, :r].copy_(A.to(self.A.dtype))
         self.Bs[slot, :r].copy_((B.float().T * scale).to(self.Bs.dtype))
         self.present[slot] = True
+        self._version += 1
 
     def clear_slot(self, slot: int) -> None:
         self.A[slot].zero_()
         self.Bs[slot].zero_()
         self.present[slot] = False
+        self._version += 1
+
+    def _gathered(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_u (U·R, in) and B_u (U·R, out) for the batch's slots; reused while the slot set is unchanged."""
+        key = (tuple(b.uniq_list), b.rank, self._version)
+        if self._packed is None or self._packed[0] != key:
+            A_u = self.A[b.uniq, : b.rank].reshape(-1, self.in_features)
+            B_u = self.Bs[b.uniq, : b.rank].reshape(-1, self.out_features)
+            self._packed = (key, A_u, B_u)
+        return self._packed[1], self._packed[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (N, T, out)
         b = self.batch
         if not b.uniq_list or not any(self.present[s] for s in b.uniq_list):
             return y
-        R = b.rank
-        A_u = self.A[b.uniq, :R].reshape(-1, self.in_features)  # (U·R, in)
-        B_u = self.Bs[b.uniq, :R].reshape(-1, self.out_features)  # (U·R, out)
+        A_u, B_u = self._gathered(b)  # (U·R, in), (U·R, out)
         h = torch.matmul(x, A_u.T) * b.mask  # (N, T, U·R)
         return y + torch.matmul(h, B_u)
 
