@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     max_cpu_loras: int = Field(64, ge=1, description="Adapters kept decoded in host memory (CPU tier).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest rank a slot holds.")
     max_queue: int = Field(256, ge=1, description="Waiting requests before 503 + Retry-After.")
-    prefill_chunk: int = Field(4, ge=1, description="New rows prefilled together in one engine step.")
+    prefill_chunk: int = Field(16, ge=1, description="New rows prefilled together in one engine step.")
     lora_target_modules: tuple[str, ...] = Field(
         DEFAULT_TARGET_MODULES, description="Linear layers that can carry adapters."
     )
