@@ -35,18 +35,25 @@ class AdapterRegistry:
         self._cpu: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
+        self._latest: dict[str, Manifest] = {m.name: m for m in store.list()}  # this process's view
 
     # ---- queries ------------------------------------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted(m.name for m in self.store.list())
+        with self._lock:
+            return sorted(self._latest)
 
     def manifests(self) -> list[Manifest]:
-        return sorted(self.store.list(), key=lambda m: m.name)
+        with self._lock:
+            return [self._latest[n] for n in sorted(self._latest)]
 
     def resolve(self, name: str) -> Manifest:
         """The current version of ``name``; ``AdapterNotFound`` naming the known adapters otherwise."""
+        with self._lock:
+            m = self._latest.get(name)
+        if m is not None:
+            return m
         try:
-            return self.store.get(name)
+            return self.store.get(name)  # registered by another process sharing the store
         except AdapterNotFound:
             known = ", ".join(self.names()) or "none registered"
             raise AdapterNotFound(
@@ -110,6 +117,13 @@ class AdapterRegistry:
         self._announce(name, m)
         return m
 
+    def prefetch(self, key: tuple[str, int]) -> None:
+        """Warm the CPU tier off the engine thread (called before a request is queued)."""
+        try:
+            self.weights(key)
+        except Exception:  # the engine reports load errors to the request itself
+            log.debug("prefetch of %s failed", key, exc_info=True)
+
     def unregister(self, name: str) -> None:
         self.resolve(name)
         self.store.delete(name)
@@ -120,6 +134,11 @@ class AdapterRegistry:
         self._announce(name, None)
 
     def _announce(self, name: str, manifest: Manifest | None) -> None:
+        with self._lock:
+            if manifest is None:
+                self._latest.pop(name, None)
+            elif name not in self._latest or self._latest[name].version < manifest.version:
+                self._latest[name] = manifest
         if manifest is not None:  # warm the CPU tier: the first request should not pay the disk read
             try:
                 self.weights((manifest.name, manifest.version), verify=False)  # just written and verified

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Callable
 
 from router.base import BASE_ADAPTER, Decision
 
@@ -28,8 +29,10 @@ class Result:
 class Generator:
     """Thin asyncio front of the engine thread. One per app."""
 
-    def __init__(self, engine: Engine, tokenizer: object, max_len: int) -> None:
+    def __init__(self, engine: Engine, tokenizer: object, max_len: int,
+                 prefetch: Callable[[tuple[str, int]], None] | None = None) -> None:
         self.engine, self.tokenizer, self.max_len = engine, tokenizer, max_len
+        self.prefetch = prefetch  # loads an adapter into the CPU tier off the engine thread
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -69,6 +72,8 @@ class Generator:
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
         adapter = None if decision.adapter == BASE_ADAPTER else (decision.adapter, int(decision.version or 0))
+        if adapter is not None and self.prefetch is not None:
+            await asyncio.to_thread(self.prefetch, adapter)
         req = GenerationRequest(prompt_ids=ids, params=params, emit=emit, adapter=adapter)
         self.engine.submit(req)
         try:

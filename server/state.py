@@ -62,7 +62,8 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     metrics.set_known_adapters(registry.names())
     routing.refit()
     engine.start()
-    generator = Generator(engine, loaded.tokenizer, context_length(loaded, mc.max_model_len))
+    generator = Generator(engine, loaded.tokenizer, context_length(loaded, mc.max_model_len),
+                          prefetch=registry.prefetch)
     cache = make_cache(settings.cache, metrics)
     log.info("ready: %s on %s/%s with %d adapters in %.1f s", model_id, loaded.device, loaded.dtype,
              len(registry.names()), time.perf_counter() - t0)
