@@ -8,6 +8,7 @@ training examples, ``finish_recording(t)``) -> for each task j ``with evaluating
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -21,7 +22,7 @@ from ..export import write_peft
 from ..lora_layer import GateContext, LoraLinear, attach_lora
 
 
-class Method:
+class Method(ABC):
     """Base: one plain LoRA branch per wrapped module, exported as PEFT. Subclasses override the hooks."""
 
     name = "base"
@@ -43,8 +44,9 @@ class Method:
     def train_examples(self, t: int) -> list[Example]:
         return list(self.tasks[t].train)
 
+    @abstractmethod
     def begin_task(self, t: int) -> list[nn.Parameter]:
-        raise NotImplementedError
+        """Prepare task ``t`` (add or freeze branches) and return the parameters the optimiser trains."""
 
     def set_batch(self, prompt_ids: list[list[int]]) -> None:
         """Called before every forward (training and evaluation) with each row's prompt token ids."""
