@@ -76,6 +76,13 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # first match wins
 ]
 
 
+def status_of(exc: BaseException) -> int:
+    """The HTTP status an exception maps to (for metrics); 499 for a client that went away mid-stream."""
+    if not isinstance(exc, Exception):
+        return 499
+    return next((status for cls, status, _ in _STATUS if isinstance(exc, cls)), 500)
+
+
 def error_body(kind: str, message: str, param: str | None = None, code: int | str | None = None) -> dict:
     return {"error": {"type": kind, "message": message, "param": param, "code": code}}
 

@@ -16,7 +16,7 @@ from router.base import BASE_ADAPTER, Decision
 
 from .engine.requests import Delta, Done
 from .engine.sampling import SamplingParams
-from .errors import error_response
+from .errors import status_of
 from .generation import Result
 from .response_cache import cache_key, is_cacheable
 from .state import AppState
@@ -120,7 +120,7 @@ async def run(core: AppState, job: Job, found: Lookup) -> Outcome:
                 result = Result("".join(deltas), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
                                 ev.timings)
     except Exception as e:
-        _observe(core, job, None, error_response(e).status_code)
+        _observe(core, job, None, status_of(e))
         raise
     assert result is not None
     await _store(core, key, deltas, result)
@@ -153,6 +153,6 @@ async def stream(core: AppState, job: Job, found: Lookup) -> AsyncIterator[tuple
                 yield "", result
                 return
     except BaseException as e:
-        _observe(core, job, None, error_response(e).status_code if isinstance(e, Exception) else 499)
+        _observe(core, job, None, status_of(e))
         raise
 
