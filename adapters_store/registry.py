@@ -107,15 +107,20 @@ class AdapterRegistry:
 
     def register_dir(self, name: str, src: Path, description: str | None = None,
                      examples: list[str] | None = None) -> Manifest:
-        m = self.store.register_dir(name, src, description=description, examples=examples)
+        m = self.store.register_dir(name, src, description=description, examples=examples, loaded=self._keep)
         self._announce(name, m)
         return m
 
     def register_archive(self, name: str, archive: Path, description: str | None = None,
                          examples: list[str] | None = None) -> Manifest:
-        m = self.store.register_archive(name, archive, description=description, examples=examples)
+        m = self.store.register_archive(name, archive, description=description, examples=examples,
+                                        loaded=self._keep)
         self._announce(name, m)
         return m
+
+    def _keep(self, manifest: Manifest, weights: AdapterWeights) -> None:
+        """The weights the store decoded to validate a new version go straight into the CPU tier."""
+        self._put((manifest.name, manifest.version), weights)
 
     def prefetch(self, key: tuple[str, int]) -> None:
         """Warm the CPU tier off the engine thread (called before a request is queued)."""
@@ -139,7 +144,7 @@ class AdapterRegistry:
                 self._latest.pop(name, None)
             elif name not in self._latest or self._latest[name].version < manifest.version:
                 self._latest[name] = manifest
-        if manifest is not None:  # warm the CPU tier: the first request should not pay the disk read
+        if manifest is not None:  # warm the CPU tier (a no-op after our own write): no disk read on first use
             try:
                 self.weights((manifest.name, manifest.version), verify=False)  # just written and verified
             except Exception:

@@ -27,7 +27,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,8 @@ from .spec import BaseModelSpec, Manifest, utc_now
 from .validate import (Problem, adapter_problems, metadata_problems, name_problems, raise_problems,
                        size_problems)
 from .weights import AdapterWeights
+
+Loaded = Callable[[Manifest, AdapterWeights], None]  # gets the validated weights of a version just committed
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +88,17 @@ class AdapterStore:
 
     # ---- writes -------------------------------------------------------------------------------------------
     def register_dir(self, name: str, src_dir: Path, description: str | None = None,
-                     examples: Sequence[str] | None = None) -> Manifest:
-        """Copy, validate and store the adapter directory ``src_dir`` as the next version of ``name``."""
-        return self._register_dir(name, Path(src_dir), description, examples, origin="register")[0]
+                     examples: Sequence[str] | None = None, loaded: Loaded | None = None) -> Manifest:
+        """Copy, validate and store the adapter directory ``src_dir`` as the next version of ``name``.
+
+        ``loaded`` (optional) receives the manifest and the weights decoded for validation, so a caller can keep
+        them without reading the files back."""
+        return self._register_dir(name, Path(src_dir), description, examples, "register", loaded)[0]
 
     def register_archive(self, name: str, archive_path: Path, description: str | None = None,
-                         examples: Sequence[str] | None = None) -> Manifest:
-        """Unpack (safely), validate and store an uploaded ``.zip``/``.tar.gz`` of an adapter directory."""
+                         examples: Sequence[str] | None = None, loaded: Loaded | None = None) -> Manifest:
+        """Unpack (safely), validate and store an uploaded ``.zip``/``.tar.gz`` of an adapter directory
+        (``loaded`` as in ``register_dir``)."""
         archive_path = Path(archive_path)
         problems = name_problems(name) + metadata_problems(description, examples)
         problems += size_problems(archive_path.stat().st_size, self.max_upload_bytes)
@@ -106,7 +112,7 @@ class AdapterStore:
                 raise_problems(problems + Problem.from_error(e), f"adapter {name!r}")
             (tmp / "v").mkdir()
             os.rename(found, tmp / "v" / "adapter")
-            return self._validate_and_commit(name, tmp, problems, description, examples, "register")[0]
+            return self._validate_and_commit(name, tmp, problems, description, examples, "register", loaded)[0]
 
     def delete(self, name: str) -> None:
         """Remove every version of ``name`` and its dropped dir under the root (its version counter stays)."""
@@ -214,7 +220,7 @@ class AdapterStore:
 
     # ---- internals ----------------------------------------------------------------------------------------
     def _register_dir(self, name: str, src: Path, description: str | None, examples: Sequence[str] | None,
-                      origin: str) -> tuple[Manifest, bool]:
+                      origin: str, loaded: Loaded | None = None) -> tuple[Manifest, bool]:
         problems = name_problems(name) + metadata_problems(description, examples)
         if not src.is_dir():
             raise_problems(problems + [Problem("path", f"{src} is not a directory", AdapterInvalid)],
@@ -230,10 +236,11 @@ class AdapterStore:
         with owned_tempdir(self._dir / ".tmp") as tmp:
             (tmp / "v").mkdir()
             copy_plan(src, tmp / "v" / "adapter", plan)
-            return self._validate_and_commit(name, tmp, problems, description, examples, origin)
+            return self._validate_and_commit(name, tmp, problems, description, examples, origin, loaded)
 
     def _validate_and_commit(self, name: str, tmp: Path, problems: list[Problem], description: str | None,
-                             examples: Sequence[str] | None, origin: str) -> tuple[Manifest, bool]:
+                             examples: Sequence[str] | None, origin: str,
+                             loaded: Loaded | None = None) -> tuple[Manifest, bool]:
         adapter_dir = tmp / "v" / "adapter"
         try:
             weights = load_adapter_dir(adapter_dir)
@@ -261,6 +268,9 @@ class AdapterStore:
             write_synced(last.with_name(last.name + ".tmp"), str(version))
             os.replace(last.with_name(last.name + ".tmp"), last)
             fsync_dir(last.parent)
+        if loaded is not None:
+            weights.meta.update(name=manifest.name, version=manifest.version, sha256=manifest.sha256)
+            loaded(manifest, weights)
         return manifest, True
 
     def _next_version(self, name: str) -> int:
