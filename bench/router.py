@@ -67,7 +67,7 @@ def router_deps(kind: str, args: argparse.Namespace, cache: dict[str, Any]) -> d
 
             cache["embedding"] = minilm_embedder()
         return {"embed": cache["embedding"]}
-    if kind == "base-hidden":
+    if kind in ("base-hidden", "cascade"):
         key = f"base-hidden:{args.layer}:{args.max_tokens}"
         if key not in cache:
             cache[key] = base_hidden_embed(args.layer, args.max_tokens)
@@ -102,6 +102,7 @@ def evaluate(kind: str, tasks: list[str], args: argparse.Namespace, cache: dict[
         "per_task": {t: float((pred[g == t] == t).mean()) for t in tasks},
         "ece": expected_calibration_error(conf, pred == g),
         "low_conf": float((conf < 0.5).mean()),
+        "escalated": float(np.mean([d.method == "cascade" for d in decisions])),
         "p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
         "fit_s": fit_s, "gold": g, "pred": pred,
     }
@@ -124,7 +125,7 @@ def main() -> None:
     ap.add_argument("--max-train", type=int, default=200)
     ap.add_argument("--max-test", type=int, default=None, help="cap per task on the evaluation split")
     ap.add_argument("--split", default="test", choices=["test", "dev"])
-    ap.add_argument("--kinds", default="tfidf,embedding,base-hidden")
+    ap.add_argument("--kinds", default="tfidf,cascade,embedding,base-hidden")
     ap.add_argument("--layer", type=int, default=None, help="base-hidden: decoder layers run (default: router's)")
     ap.add_argument("--max-tokens", type=int, default=None, help="base-hidden: tokens pooled (default: router's)")
     ap.add_argument("--latency-n", type=int, default=200)
@@ -151,10 +152,11 @@ def main() -> None:
 
     print(f"\nsplit={args.split} max_train={args.max_train} threads={args.threads} "
           f"base-hidden layer={args.layer} max_tokens={args.max_tokens}")
-    print(f"{'kind':<12} {'std4 acc':>9} {'all15 acc':>10} {'ECE15':>7} {'conf<.5':>8} {'p50 ms':>8} {'p95 ms':>8}")
+    print(f"{'kind':<12} {'std4 acc':>9} {'all15 acc':>10} {'ECE15':>7} {'conf<.5':>8} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'escalated':>9}")
     for kind, (r4, r15) in results.items():
         print(f"{kind:<12} {r4['acc']:>9.4f} {r15['acc']:>10.4f} {r15['ece']:>7.4f} {r15['low_conf']:>8.3f} "
-              f"{r15['p50']:>8.2f} {r15['p95']:>8.2f}")
+              f"{r15['p50']:>8.2f} {r15['p95']:>8.2f} {r15['escalated']:>9.3f}")
     print("\nper-task accuracy (router trained on the 4 standard tasks | on all 15)")
     print(f"{'task':<10} " + " ".join(f"{k:>22}" for k in results))
     for t in tasks15:

@@ -18,6 +18,7 @@ _KINDS: dict[str, str] = {
     "tfidf": "router.tfidf:TfidfRouter",
     "embedding": "router.embedding:EmbeddingRouter",
     "base-hidden": "router.base_hidden:BaseHiddenRouter",
+    "cascade": "router.cascade:CascadeRouter",
     "gates": "router.gates:GateRouter",
 }
 DEFAULT_KIND = "tfidf"

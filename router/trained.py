@@ -60,6 +60,12 @@ def check_examples(examples: dict[str, list[str]]) -> dict[str, list[str]]:
     return out
 
 
+def decisions(labels: tuple[str, ...], p: np.ndarray, method: str) -> list[Decision]:
+    """The most probable label of each row of ``p`` (N, K), its probability as the confidence."""
+    best = p.argmax(axis=1)
+    return [Decision(labels[k], method, float(np.clip(p[i, k], 0.0, 1.0))) for i, k in enumerate(best)]
+
+
 class TrainedRouter(ABC, Generic[M]):
     """Base of the classifier routers. Subclasses supply ``kind``, ``_build``, ``_probs``, ``_save``, ``_load``.
 
@@ -113,11 +119,19 @@ class TrainedRouter(ABC, Generic[M]):
             return [Decision(BASE_ADAPTER, "default", 0.0) for _ in texts]
         if not texts:
             return []
+        labels, p = self._distribution(model, list(texts))
+        return decisions(labels, p, self.kind)
+
+    def distribution(self, texts: list[str]) -> tuple[tuple[str, ...], np.ndarray] | None:
+        """The labels and (N, K) calibrated probabilities of ``texts``; None before any fit."""
+        model = self._model
+        return None if model is None else self._distribution(model, list(texts))
+
+    def _distribution(self, model: M, texts: list[str]) -> tuple[tuple[str, ...], np.ndarray]:
         labels = self._model_labels(model)
-        p = self._probs(model, list(texts))  # (N, K)
+        p = self._probs(model, texts)  # (N, K)
         assert p.shape == (len(texts), len(labels)), (p.shape, len(texts), len(labels))
-        best = p.argmax(axis=1)
-        return [Decision(labels[k], self.kind, float(np.clip(p[i, k], 0.0, 1.0))) for i, k in enumerate(best)]
+        return labels, p
 
     def labels(self) -> list[str]:
         model = self._model

@@ -54,7 +54,7 @@ def make_configured_router(cfg: RouterConfig, loaded: LoadedModel, engine: Engin
         return None
     from router.registry import make_router
 
-    if cfg.kind == "base-hidden":
+    if cfg.kind in ("base-hidden", "cascade"):  # both read the resident model's hidden states
         from router.base_hidden import hidden_state_embedder
 
         embed = hidden_state_embedder(loaded.model, loaded.tokenizer, lock=engine.borrow_guard)
