@@ -116,3 +116,23 @@ def test_below_the_confidence_floor(tiny_llama_dir: Path, sources, tmp_path: Pat
             assert low.status_code == 422
             err = low.json()["error"]
             assert err["type"] == "routing_error" and "confident" in err["message"] and "minimum 0.95" in err["message"]
+
+
+def test_cascade_router_escalates_unsure_prompts_to_the_base_model_states(tiny_llama_dir: Path, sources,
+                                                                         tmp_path: Path) -> None:
+    env = tiny_env(tiny_llama_dir, tmp_path / "store", CLORA_ROUTER="cascade", CLORA_ADMIN_TOKEN=TOKEN,
+                   CLORA_ROUTER_MIN_CONFIDENCE="0.0")
+    with ServerProcess(env, tmp_path / "log") as srv:
+        _register(srv, "sports", sources["sports"], SPORTS)
+        _register(srv, "cooking", sources["cooking"], COOKING)
+        _register(srv, "finance", sources["finance"], FINANCE)
+        clear = _routed_to(srv, "The coach said the team won the match and the league final", "sports")
+        assert clear["route"]["adapter"] == "sports" and clear["route"]["method"] in ("tfidf", "cascade")
+        mixed = _auto(srv, "hello there, friend").json()  # no task evidence at all: the dense stage decides
+        assert mixed["route"]["method"] == "cascade" and 0.0 <= mixed["route"]["confidence"] <= 1.0
+        assert mixed["route"]["adapter"] in ("sports", "cooking", "finance")
+        saved = tmp_path / "store" / ".router"
+        assert (saved / "tfidf" / "router.json").is_file() and (saved / "dense" / "router.json").is_file()
+    with ServerProcess(env, tmp_path / "log2") as srv:  # restart: the saved cascade is loaded, both stages
+        again = _auto(srv, "hello there, friend").json()
+        assert again["route"] == mixed["route"]
