@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin; unset disables admin.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest adapter upload (413 above).")
-    router: str = Field("tfidf", description="Router kind for model=auto: hint | tfidf | cascade | embedding | base-hidden | gates.")
+    router: str = Field("cascade", description="Router kind for model=auto: hint | tfidf | cascade | embedding | base-hidden | gates.")
     router_min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     router_on_low_confidence: Literal["fallback", "reject"] = "fallback"
     cache_enabled: bool = True
