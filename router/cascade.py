@@ -43,9 +43,9 @@ class CascadeRouter:
         self._fit_lock = threading.Lock()
 
     def fit(self, examples: dict[str, list[str]]) -> None:
-        with self._fit_lock:  # both stages are swapped in one after the other; route() checks they agree
+        with self._fit_lock:  # dense stage first: once tfidf knows the new adapters, so does the dense stage
+            self.second.fit(examples)  # (in between, labels differ and route() keeps tfidf's answer)
             self.first.fit(examples)
-            self.second.fit(examples)
 
     def labels(self) -> list[str]:
         return self.first.labels()
