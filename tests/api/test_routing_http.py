@@ -126,6 +126,7 @@ def test_cascade_router_escalates_unsure_prompts_to_the_base_model_states(tiny_l
         _register(srv, "sports", sources["sports"], SPORTS)
         _register(srv, "cooking", sources["cooking"], COOKING)
         _register(srv, "finance", sources["finance"], FINANCE)
+        _routed_to(srv, "The central bank raised rates and shares of the company fell", "finance")  # all 3 known
         clear = _routed_to(srv, "The coach said the team won the match and the league final", "sports")
         assert clear["route"]["adapter"] == "sports" and clear["route"]["method"] in ("tfidf", "cascade")
         mixed = _auto(srv, "hello there, friend").json()  # no task evidence at all: the dense stage decides
