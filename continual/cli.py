@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .config import TrainConfig
+from .data import PROMPT_STYLES
 from .errors import ContinualError
 
 
@@ -40,6 +41,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--gate-dim", type=int, default=d.gate_dim)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--max-input-chars", type=int, default=d.max_input_chars)
+    p.add_argument("--prompt-style", default=d.prompt_style, choices=sorted(PROMPT_STYLES),
+                   help="instruction: task instruction + label options + input; raw: the input alone (for routing)")
     p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     p.add_argument("--name", default="", help="adapter name (prefix for per-task); default: the method name")
     p.add_argument("--base-model", default=None, help="local HF model dir (default: the embedded SmolLM2)")
@@ -67,8 +70,9 @@ def _train(args: argparse.Namespace) -> int:
             target_modules=[m.strip() for m in args.target_modules.split(",") if m.strip()],
             lr=args.lr, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, rehearsal=args.rehearsal,
             ewc_lambda=args.ewc_lambda, max_train=args.max_train, max_test=args.max_test,
-            max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens,
-            eval_batch_size=args.eval_batch_size, olora_lambda=args.olora_lambda, clora_lambda=args.clora_lambda,
+            max_input_chars=args.max_input_chars, prompt_style=args.prompt_style,
+            max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
+            olora_lambda=args.olora_lambda, clora_lambda=args.clora_lambda,
             gate_hidden=args.gate_hidden, gate_dim=args.gate_dim, name=args.name,
         )
         tasks = resolve_tasks(args.data, args.order, args.tasks)

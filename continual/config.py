@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from .data import prompt_style_problem
 from .errors import ContinualError
 
 
@@ -24,6 +25,7 @@ class TrainConfig:
     max_train: int | None = None
     max_test: int | None = None
     max_input_chars: int = 1000
+    prompt_style: str = "instruction"  # "instruction" (task instruction + options) | "raw" (input only)
     max_new_tokens: int = 8
     eval_batch_size: int = 32
     olora_lambda: float = 0.5  # O-LoRA λ1 (also used by gainlora's branches)
@@ -48,6 +50,8 @@ class TrainConfig:
             problems.append("penalty weights (ewc, olora, clora lambdas) must be >= 0")
         if not self.target_modules:
             problems.append("target modules must not be empty")
+        if (problem := prompt_style_problem(self.prompt_style)) is not None:
+            problems.append(problem)
         if problems:
             raise ContinualError("; ".join(problems))
         if not self.name:
@@ -59,3 +63,12 @@ class TrainConfig:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def upgrade_json(cls, saved: dict) -> dict:
+        """A config dict written by an older version, with fields added since then at their defaults.
+
+        Lets a checkpoint saved before e.g. ``prompt_style`` existed resume under the same (default) settings.
+        """
+        added = {f.name: f.default for f in fields(cls) if f.name not in saved and f.default is not MISSING}
+        return {**saved, **added}

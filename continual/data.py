@@ -3,11 +3,15 @@
 Layout (see the data's README): ``<root>/<task>/{train,dev,test}.jsonl`` with ``{"task", "input", "output"}``,
 ``<root>/manifest.json`` (per task: ``olora_instruction`` and label counts) and ``<root>/task_orders.json``.
 
-Prompt (plain text, no chat template; the exact string is what the model is fed and what a server receives)::
+Prompt (plain text, no chat template; the exact string is what the model is fed and what a server receives),
+one of ``PROMPT_STYLES``::
 
-    {olora_instruction}Options: {label_1}, {label_2}, ...\n{input}\nAnswer:
+    instruction (default):  {olora_instruction}Options: {label_1}, {label_2}, ...\n{input}\nAnswer:
+    raw:                    {input}\nAnswer:
 
-The gold continuation is ``" " + output`` followed by EOS. Labels are listed sorted, taken from the train split.
+``raw`` carries no task identity in the text (for serving behind a router, which must infer the task from the
+input alone). The gold continuation is ``" " + output`` followed by EOS. Labels are listed sorted, taken from the
+train split.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .errors import ContinualError
 
@@ -58,9 +63,39 @@ def resolve_tasks(data_dir: Path, order: str | None, tasks: str | None) -> list[
     return names
 
 
-def build_prompt(instruction: str, labels: list[str], text: str, max_input_chars: int) -> str:
-    body = text[:max_input_chars].rstrip("\n")
+def _instruction_prompt(instruction: str, labels: list[str], body: str) -> str:
     return f"{instruction}Options: {', '.join(labels)}\n{body}\nAnswer:"
+
+
+def _raw_prompt(instruction: str, labels: list[str], body: str) -> str:
+    return f"{body}\nAnswer:"
+
+
+# style name -> (instruction, sorted labels, input already cut) -> prompt
+PROMPT_STYLES: dict[str, Callable[[str, list[str], str], str]] = {
+    "instruction": _instruction_prompt,
+    "raw": _raw_prompt,
+}
+
+
+def prompt_style_problem(style: str) -> str | None:
+    """What is wrong with ``style`` as a prompt style, or None."""
+    if style not in PROMPT_STYLES:
+        return f"prompt_style must be one of {sorted(PROMPT_STYLES)} (got {style!r})"
+    return None
+
+
+def check_prompt_style(style: str) -> None:
+    if (problem := prompt_style_problem(style)) is not None:
+        raise ContinualError(problem)
+
+
+def build_prompt(instruction: str, labels: list[str], text: str, max_input_chars: int,
+                 style: str = "instruction") -> str:
+    """The model's input for one example; ``text`` is cut to ``max_input_chars`` and stripped of final newlines."""
+    check_prompt_style(style)
+    body = text[:max_input_chars].rstrip("\n")
+    return PROMPT_STYLES[style](instruction, labels, body)
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -69,8 +104,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def load_task(data_dir: Path, name: str, max_train: int | None, max_test: int | None, seed: int,
-              max_input_chars: int = 1000) -> TaskData:
+              max_input_chars: int = 1000, prompt_style: str = "instruction") -> TaskData:
     """Load one task; ``max_train``/``max_test`` take a seeded random subset (the test split is never trained on)."""
+    check_prompt_style(prompt_style)
     data_dir = Path(data_dir)
     manifest = json.loads((data_dir / "manifest.json").read_text())
     info = manifest.get("tasks", {}).get(name, {})
@@ -85,7 +121,8 @@ def load_task(data_dir: Path, name: str, max_train: int | None, max_test: int | 
         return rows if n is None else rows[:n]
 
     def to_examples(rows: list[dict]) -> list[Example]:
-        return [Example(name, build_prompt(instruction, labels, r["input"], max_input_chars), str(r["output"]))
+        return [Example(name, build_prompt(instruction, labels, r["input"], max_input_chars, prompt_style),
+                        str(r["output"]))
                 for r in rows]
 
     return TaskData(name, to_examples(pick(train_rows, max_train, "train")), to_examples(pick(test_rows, max_test, "test")))

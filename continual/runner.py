@@ -156,8 +156,8 @@ def run(cfg: TrainConfig, spec: RunSpec) -> dict:
     loaded = load_base_model(spec.base_model, spec.cache_dir, spec.device, spec.dtype, spec.num_threads)
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(cfg.seed)
-    data = [load_task(spec.data_dir, name, cfg.max_train, cfg.max_test, cfg.seed, cfg.max_input_chars)
-            for name in spec.tasks]
+    data = [load_task(spec.data_dir, name, cfg.max_train, cfg.max_test, cfg.seed, cfg.max_input_chars,
+                      cfg.prompt_style) for name in spec.tasks]
     method = get_method(cfg.method)(model, cfg, data, loaded.name)
     ewc = EWC(cfg.ewc_lambda)
     acc: list[list[float]] = []
@@ -165,7 +165,7 @@ def run(cfg: TrainConfig, spec: RunSpec) -> dict:
     ck = latest_checkpoint(out) if spec.resume else None
     if ck is not None:
         t_done, tensors, meta = ck
-        if meta["config"] != cfg.to_json() or meta["tasks"] != spec.tasks:
+        if TrainConfig.upgrade_json(meta["config"]) != cfg.to_json() or meta["tasks"] != spec.tasks:
             raise ContinualError(f"{out} holds checkpoints of a different run (config or tasks differ); "
                                  "use another --out or pass --no-resume to start over")
         method.load_state({k: v for k, v in tensors.items() if not k.startswith("ewc.")}, meta["method"])
