@@ -72,18 +72,16 @@ class AdapterRegistry:
         return out
 
     # ---- CPU tier -----------------------------------------------------------------------------------
-    def weights(self, key: tuple[str, int], verify: bool = True) -> AdapterWeights:
-        """Decoded weights of one version, from the CPU tier or the store (then cached).
-
-        ``verify`` checks the files' sha256 against the manifest (skipped only right after our own write).
-        """
+    def weights(self, key: tuple[str, int]) -> AdapterWeights:
+        """Decoded weights of one version, from the CPU tier or the store (files checked against the manifest's
+        sha256, then cached). A version registered here is already in the tier (see ``_keep``)."""
         with self._lock:
             w = self._cpu.get(key)
             if w is not None:
                 self._cpu.move_to_end(key)
                 return w
         t0 = time.perf_counter()
-        w = self.store.load(key[0], key[1], verify=verify)
+        w = self.store.load(key[0], key[1])
         self._hook("adapter_loaded", key[0], "cpu", time.perf_counter() - t0)
         self._put(key, w)
         return w
@@ -144,11 +142,6 @@ class AdapterRegistry:
                 self._latest.pop(name, None)
             elif name not in self._latest or self._latest[name].version < manifest.version:
                 self._latest[name] = manifest
-        if manifest is not None:  # warm the CPU tier (a no-op after our own write): no disk read on first use
-            try:
-                self.weights((manifest.name, manifest.version), verify=False)  # just written and verified
-            except Exception:
-                log.warning("could not preload %s", manifest.key, exc_info=True)
         for fn in self._listeners:
             try:
                 fn(name, manifest)

@@ -196,9 +196,7 @@ class AdapterStore:
             if bad:
                 raise AdapterInvalid(f"adapter {m.key} is damaged on disk: {bad} differ from the manifest's sha256; "
                                      "delete it and register it again", param="file")
-        weights = load_adapter_dir(path, device)
-        weights.meta.update(name=m.name, version=m.version, sha256=m.sha256)
-        return weights
+        return _stamped(load_adapter_dir(path, device), m)
 
     # ---- start-up adoption --------------------------------------------------------------------------------
     def scan(self) -> ScanReport:
@@ -269,8 +267,7 @@ class AdapterStore:
             os.replace(last.with_name(last.name + ".tmp"), last)
             fsync_dir(last.parent)
         if loaded is not None:
-            weights.meta.update(name=manifest.name, version=manifest.version, sha256=manifest.sha256)
-            loaded(manifest, weights)
+            loaded(manifest, _stamped(weights, manifest))
         return manifest, True
 
     def _next_version(self, name: str) -> int:
@@ -292,6 +289,12 @@ class AdapterStore:
         trash = self._dir / ".trash" / uuid.uuid4().hex
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def _stamped(weights: AdapterWeights, m: Manifest) -> AdapterWeights:
+    """Weights labelled with the version they were read for (name, version, sha256 in ``meta``)."""
+    weights.meta.update(name=m.name, version=m.version, sha256=m.sha256)
+    return weights
 
 
 def _is_adapter_dir(d: Path) -> bool:
