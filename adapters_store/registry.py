@@ -28,10 +28,14 @@ Listener = Callable[[str, Manifest | None], None]  # (name, new manifest or None
 class AdapterRegistry:
     """Registered adapters (latest version each) over an ``AdapterStore``, plus the CPU tier."""
 
-    def __init__(self, store: AdapterStore, max_cpu_loras: int, hooks: object | None = None) -> None:
+    def __init__(self, store: AdapterStore, max_cpu_loras: int, hooks: object | None = None,
+                 prepare: Callable[[AdapterWeights], object] | None = None) -> None:
+        """``prepare`` runs on weights as they enter the CPU tier, on the caller's thread (the server converts
+        them to slot form there, so the engine thread only copies)."""
         self.store = store
         self.max_cpu = max_cpu_loras
         self.hooks = hooks
+        self.prepare = prepare
         self._cpu: OrderedDict[tuple[str, int], AdapterWeights] = OrderedDict()
         self._lock = threading.RLock()
         self._listeners: list[Listener] = []
@@ -87,6 +91,8 @@ class AdapterRegistry:
         return w
 
     def _put(self, key: tuple[str, int], w: AdapterWeights) -> None:
+        if self.prepare is not None:
+            self.prepare(w)
         with self._lock:
             self._cpu[key] = w
             self._cpu.move_to_end(key)
@@ -94,6 +100,10 @@ class AdapterRegistry:
                 self._cpu.popitem(last=False)
                 self._hook("adapter_evicted", "cpu")
             self._hook("adapters_resident", "cpu", len(self._cpu))
+
+    def in_cpu_tier(self, key: tuple[str, int]) -> bool:
+        with self._lock:
+            return key in self._cpu
 
     def cpu_keys(self) -> list[tuple[str, int]]:
         with self._lock:

@@ -20,6 +20,13 @@ class LoraPair:
         assert self.A.dim() == 2 and self.B.dim() == 2, "A and B must be matrices"
         assert self.A.shape[0] == self.B.shape[1], f"rank mismatch: A {tuple(self.A.shape)} B {tuple(self.B.shape)}"
 
+    def slot_form(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a compute slot stores: ``A (r, in)`` and ``Bs = scale · Bᵀ (r, out)``, both contiguous ``dtype``."""
+        A = self.A.to(dtype).contiguous()
+        Bs = torch.empty(self.B.shape[1], self.B.shape[0], dtype=torch.float32, device=self.B.device)
+        Bs.copy_(self.B.T).mul_(self.scale)  # (r, out): one copy, scaled in place in float32
+        return A, Bs.to(dtype)
+
 
 class Gate(Protocol):
     """Per-request branch weights of a gated adapter (GainLoRA): mean prompt embedding (H,) -> (n_branches,)."""
@@ -42,6 +49,7 @@ class AdapterWeights:
     segments: tuple[int, ...] = ()
     gate: Gate | None = None
     meta: dict = field(default_factory=dict)
+    _slot_forms: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.segments:
@@ -51,6 +59,15 @@ class AdapterWeights:
     @property
     def target_modules(self) -> set[str]:
         return {path.rsplit(".", 1)[-1] for path in self.modules}
+
+    def slot_ready(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every module's ``LoraPair.slot_form(dtype)``, computed once per dtype (the registry warms it off the
+        engine thread, so putting the adapter in a slot is a plain copy)."""
+        ready = self._slot_forms.get(dtype)
+        if ready is None:
+            ready = {path: pair.slot_form(dtype) for path, pair in self.modules.items()}
+            self._slot_forms[dtype] = ready
+        return ready
 
     def nbytes(self) -> int:
         return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in self.modules.values())

@@ -8,13 +8,12 @@ parameters and leaves the model itself untouched), which is what keeps routing c
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 
-from .dense import DenseRouter, Embed
+from .dense import DenseRouter, Embed, Run, run_here
 
 DEFAULT_LAYER = 8  # measured on the CL benchmark dev splits (bench/router.py --sweep-layers)
 DEFAULT_MAX_TOKENS = 64
@@ -49,16 +48,17 @@ def truncated_decoder(model: Any, n_layers: int) -> Any:
     return view
 
 
-def hidden_state_embedder(model: Any, tokenizer: Any, *, lock: ContextManager[Any] | None = None,
+def hidden_state_embedder(model: Any, tokenizer: Any, *, run: Run | None = None,
                           layer: int | None = DEFAULT_LAYER, max_tokens: int = DEFAULT_MAX_TOKENS,
                           batch_size: int = 16) -> Embed:
     """``embed(texts) -> (N, H)`` float32: masked mean over tokens of the hidden state after ``layer`` layers
-    (``None`` = all layers, final norm applied). ``lock`` (e.g. the engine's model lock) is held per forward."""
+    (``None`` = all layers, final norm applied). ``run(fn)`` executes each batch's forward (the server passes
+    its engine's ``run_on_engine``, so the model only ever runs on the engine thread); default: in place."""
     import torch
 
     n_total = len(_decoder_stack(model).layers)
     decoder = truncated_decoder(model, n_total if layer is None else min(layer, n_total))
-    guard = lock if lock is not None else contextlib.nullcontext()
+    run = run or run_here
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def embed(texts: list[str]) -> np.ndarray:
@@ -69,16 +69,22 @@ def hidden_state_embedder(model: Any, tokenizer: Any, *, lock: ContextManager[An
             width = max(len(x) for x in ids)
             input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])  # (B, T) right-padded
             mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])  # (B, T)
-            device = next(decoder.parameters()).device
-            with guard, torch.inference_mode():
-                h = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                            use_cache=False).last_hidden_state  # (B, T, H)
-            m = mask.to(h.device, h.dtype).unsqueeze(-1)  # (B, T, 1)
-            pooled = (h * m).sum(1) / m.sum(1)  # (B, H)
-            out.append(pooled.float().cpu().numpy())
+            out.append(run(lambda: _pool(decoder, input_ids, mask)))
         return np.concatenate(out, axis=0) if out else np.zeros((0, decoder.config.hidden_size), np.float32)
 
     return embed
+
+
+def _pool(decoder: Any, input_ids: Any, mask: Any) -> np.ndarray:
+    import torch
+
+    device = next(decoder.parameters()).device
+    with torch.inference_mode():
+        h = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    use_cache=False).last_hidden_state  # (B, T, H)
+        m = mask.to(h.device, h.dtype).unsqueeze(-1)  # (B, T, 1)
+        pooled = (h * m).sum(1) / m.sum(1)  # (B, H)
+        return pooled.float().cpu().numpy()
 
 
 class BaseHiddenRouter(DenseRouter):

@@ -18,6 +18,11 @@ from .linear_head import SoftmaxHead, fit_softmax_head
 from .trained import TrainedRouter
 
 Embed = Callable[[list[str]], np.ndarray]
+Run = Callable[[Callable[[], np.ndarray]], np.ndarray]  # executes an encoder forward (e.g. on the engine thread)
+
+
+def run_here(fn: Callable[[], np.ndarray]) -> np.ndarray:
+    return fn()
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:

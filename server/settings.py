@@ -37,6 +37,7 @@ class EngineConfig(BaseModel):
     max_queue: int
     target_modules: tuple[str, ...]
     prefill_chunk: int
+    pack_weights: bool
 
 
 class RouterConfig(BaseModel):
@@ -83,6 +84,7 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest rank a slot holds.")
     max_queue: int = Field(256, ge=1, description="Waiting requests before 503 + Retry-After.")
     prefill_chunk: int = Field(16, ge=1, description="New rows prefilled together in one engine step.")
+    pack_weights: bool = Field(True, description="Pre-pack bf16 base weights for oneDNN on CPU (checked per layer).")
     lora_target_modules: tuple[str, ...] = Field(
         DEFAULT_TARGET_MODULES, description="Linear layers that can carry adapters."
     )
@@ -143,7 +145,7 @@ class Settings(BaseSettings):
         return EngineConfig(
             max_batch_size=self.max_batch_size, max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
             max_lora_rank=self.max_lora_rank, max_queue=self.max_queue, target_modules=self.lora_target_modules,
-            prefill_chunk=self.prefill_chunk,
+            prefill_chunk=self.prefill_chunk, pack_weights=self.pack_weights,
         )
 
     @property

@@ -13,6 +13,7 @@ from base_model.loader import LoadedModel, load_base_model
 
 from .engine.build import build_engine, context_length
 from .engine.engine import Engine
+from .engine.lora_layers import lora_dtype
 from .generation import Generator
 from .metrics import Metrics
 from .response_cache import ResponseCache, make_cache
@@ -50,7 +51,8 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     store, scan = AdapterStore.open(settings.adapters_dir, spec, settings.max_upload_bytes)
     for name, why in scan.skipped.items():
         log.warning("adapter dir %s not served: %s", name, why)
-    registry = AdapterRegistry(store, ec.max_cpu_loras, hooks=metrics)
+    slot_dtype = lora_dtype(loaded.device, loaded.dtype)
+    registry = AdapterRegistry(store, ec.max_cpu_loras, hooks=metrics, prepare=lambda w: w.slot_ready(slot_dtype))
     engine = build_engine(loaded, ec, registry.weights, mc.max_model_len, hooks=metrics)
     model_id = mc.served_model_name or loaded.name
     router = make_configured_router(settings.routing, loaded, engine, registry)
@@ -63,7 +65,7 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     routing.refit()
     engine.start()
     generator = Generator(engine, loaded.tokenizer, context_length(loaded, mc.max_model_len),
-                          prefetch=registry.prefetch)
+                          prefetch=registry.prefetch, is_warm=registry.in_cpu_tier)
     cache = make_cache(settings.cache, metrics)
     log.info("ready: %s on %s/%s with %d adapters in %.1f s", model_id, loaded.device, loaded.dtype,
              len(registry.names()), time.perf_counter() - t0)

@@ -24,6 +24,7 @@ from adapters_store.spec import Manifest
 from ..deps import Core, SettingsDep
 from ..errors import AdminDisabled, Unauthorized
 from ..state import AppState
+from ..threads import in_own_thread
 
 router = APIRouter()
 
@@ -112,8 +113,8 @@ async def _register_multipart(core: AppState, request: Request) -> Manifest:
     try:
         archive = tmp / f"upload{suffix}"
         await _save_upload(upload, archive, limit)
-        return await asyncio.to_thread(core.registry.register_archive, name, archive,
-                                       desc if isinstance(desc, str) else None, examples)
+        return await in_own_thread(core.registry.register_archive, name, archive,
+                                   desc if isinstance(desc, str) else None, examples)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -127,8 +128,8 @@ async def register(request: Request, core: Core, _: Admin) -> JSONResponse:
             body = RegisterPath.model_validate(await request.json())
         except ValueError as e:
             raise AdapterInvalid(f"send multipart (name, file) or JSON {{name, path}}: {e}", param="body") from None
-        m = await asyncio.to_thread(core.registry.register_dir, body.name, Path(body.path), body.description,
-                                    body.examples)
+        m = await in_own_thread(core.registry.register_dir, body.name, Path(body.path), body.description,
+                                body.examples)
     return JSONResponse(_manifest(core, m), status_code=201)
 
 
@@ -168,7 +169,7 @@ async def unpin(name: str, core: Core, _: Admin) -> dict:
 
 @router.post("/v1/load_lora_adapter")
 async def load_lora(body: LoadLora, core: Core, _: Admin) -> JSONResponse:
-    m = await asyncio.to_thread(core.registry.register_dir, body.lora_name, Path(body.lora_path))
+    m = await in_own_thread(core.registry.register_dir, body.lora_name, Path(body.lora_path))
     return JSONResponse({"status": "ok", "lora_name": m.name, "version": m.version}, status_code=200)
 
 

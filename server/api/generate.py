@@ -32,7 +32,7 @@ def _body(text: str, job: Job, r: Result, cached: bool) -> dict:
 @router.post("/generate")
 async def generate(body: GenerateRequest, core: Core, request: Request):
     target = body.adapter or body.task
-    decision = core.routing.decide(target, body.prompt, param="adapter" if body.adapter else "task")
+    decision = await core.routing.decide_async(target, body.prompt, param="adapter" if body.adapter else "task")
     ids = core.generator.encode(body.prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, 64)
     fields = {"endpoint": "generate", "prompt": body.prompt, **body.cache_fields()}

@@ -96,7 +96,7 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, core: Core, request: Request):
-    decision = core.routing.decide(body.task or body.model, body.prompt)
+    decision = await core.routing.decide_async(body.task or body.model, body.prompt)
     ids = core.generator.encode(body.prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
     fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
@@ -111,7 +111,7 @@ async def chat_completions(body: ChatCompletionRequest, core: Core, request: Req
                 for m in body.messages]
     prompt = core.generator.chat_prompt(messages)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), prompt)
-    decision = core.routing.decide(body.task or body.model, last_user)
+    decision = await core.routing.decide_async(body.task or body.model, last_user)
     ids = core.generator.encode_chat(prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_CHAT_TOKENS)
     fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 from adapters_store.weights import AdapterWeights
@@ -9,8 +10,11 @@ from base_model.loader import LoadedModel
 
 from ..settings import EngineConfig
 from .engine import Engine, EngineHooks
-from .lora_layers import wrap_lora_layers
+from .lora_layers import lora_dtype, wrap_lora_layers
+from .packed_linear import pack_model_linears
 from .slots import AdapterKey
+
+log = logging.getLogger(__name__)
 
 
 def context_length(loaded: LoadedModel, max_model_len: int | None) -> int:
@@ -25,7 +29,11 @@ def build_engine(
     max_model_len: int | None,
     hooks: EngineHooks | None = None,
 ) -> Engine:
-    batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank)
+    batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank,
+                                     lora_dtype(loaded.device, loaded.dtype))
+    if cfg.pack_weights:
+        packed = pack_model_linears(loaded.model)  # the base linears inside the LoRA wrappers too
+        log.info("packed %d base linear layers for oneDNN", packed)
     return Engine(
         loaded.model, loaded.tokenizer, batch, layers, weights_for,
         max_batch_size=cfg.max_batch_size, max_loras=cfg.max_loras, max_queue=cfg.max_queue,
