@@ -13,7 +13,6 @@ from base_model.loader import LoadedModel, load_base_model
 
 from .engine.build import build_engine, context_length
 from .engine.engine import Engine
-from .engine.lora_layers import lora_dtype
 from .generation import Generator
 from .metrics import Metrics
 from .response_cache import ResponseCache, make_cache
@@ -51,8 +50,8 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     store, scan = AdapterStore.open(settings.adapters_dir, spec, settings.max_upload_bytes)
     for name, why in scan.skipped.items():
         log.warning("adapter dir %s not served: %s", name, why)
-    slot_dtype = lora_dtype(loaded.device, loaded.dtype)
-    registry = AdapterRegistry(store, ec.max_cpu_loras, hooks=metrics, prepare=lambda w: w.slot_ready(slot_dtype))
+    registry = AdapterRegistry(store, ec.max_cpu_loras, hooks=metrics,
+                               prepare=lambda w: w.slot_ready(loaded.dtype))  # the engine's slots store this dtype
     engine = build_engine(loaded, ec, registry.weights, mc.max_model_len, hooks=metrics)
     model_id = mc.served_model_name or loaded.name
     router = make_configured_router(settings.routing, loaded, engine, registry)
