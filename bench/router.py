@@ -46,17 +46,16 @@ def all_tasks(data: Path) -> list[str]:
     return sorted(p.name for p in data.iterdir() if (p / "train.jsonl").is_file())
 
 
-def base_hidden_embed(layer: int | None, max_tokens: int) -> Callable[[list[str]], np.ndarray]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from base_model.loader import embedded_model_dir
+def base_hidden_embed(layer: int | None, max_tokens: int, dtype: str) -> Callable[[list[str]], np.ndarray]:
+    """The resident model as the server holds it: same dtype choice, base linears packed the same way."""
+    from base_model.loader import load_base_model
     from router.base_hidden import hidden_state_embedder
+    from server.engine.packed_linear import pack_model_linears
 
-    d = embedded_model_dir(Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR)))
-    model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(d)
-    return hidden_state_embedder(model, tok, layer=layer, max_tokens=max_tokens)
+    loaded = load_base_model(None, Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR)), "cpu", dtype)
+    pack_model_linears(loaded.model)
+    print(f"base-hidden encoder: {loaded.name} {loaded.dtype}", flush=True)
+    return hidden_state_embedder(loaded.model, loaded.tokenizer, layer=layer, max_tokens=max_tokens)
 
 
 def router_deps(kind: str, args: argparse.Namespace, cache: dict[str, Any]) -> dict[str, Any]:
@@ -65,12 +64,12 @@ def router_deps(kind: str, args: argparse.Namespace, cache: dict[str, Any]) -> d
         if "embedding" not in cache:
             from router.embedding import minilm_embedder
 
-            cache["embedding"] = minilm_embedder()
+            cache["embedding"] = minilm_embedder(dtype=args.dtype)
         return {"embed": cache["embedding"]}
     if kind in ("base-hidden", "cascade"):
         key = f"base-hidden:{args.layer}:{args.max_tokens}"
         if key not in cache:
-            cache[key] = base_hidden_embed(args.layer, args.max_tokens)
+            cache[key] = base_hidden_embed(args.layer, args.max_tokens, args.dtype)
         return {"embed": cache[key]}
     return {}
 
@@ -130,6 +129,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=None, help="base-hidden: tokens pooled (default: router's)")
     ap.add_argument("--latency-n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="auto", help="encoders' dtype, as CLORA_DTYPE (auto: bf16 on CPUs with "
+                    "fast bf16, as the server picks)")
     args = ap.parse_args()
 
     import torch

@@ -80,7 +80,8 @@ def _pool(decoder: Any, input_ids: Any, mask: Any) -> np.ndarray:
 
     device = next(decoder.parameters()).device
     with torch.inference_mode():
-        h = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+        padded = not bool(mask.all())  # no padding (one text, or equal lengths): plain causal attention
+        h = decoder(input_ids=input_ids.to(device), attention_mask=mask.to(device) if padded else None,
                     use_cache=False).last_hidden_state  # (B, T, H)
         m = mask.to(h.device, h.dtype).unsqueeze(-1)  # (B, T, 1)
         pooled = (h * m).sum(1) / m.sum(1)  # (B, H)

@@ -27,14 +27,21 @@ def minilm_dir() -> Path:
 
 
 def minilm_embedder(device: str = "cpu", batch_size: int = 32, max_tokens: int = 128,
-                    run: Run | None = None) -> Embed:
+                    run: Run | None = None, dtype: str = "float32") -> Embed:
     """``embed(texts) -> (N, 384)`` float32 (mean-pooled, normalised) of the first ``max_tokens`` word pieces,
-    loaded from local files only. ``run(fn)`` executes each encode (the server: on its engine thread)."""
+    loaded from local files only. ``run(fn)`` executes each encode (the server: on its engine thread);
+    ``dtype`` as ``CLORA_DTYPE`` (``auto``: bf16 on CUDA and on CPUs with fast bf16, like the base model)."""
     os.environ["HF_HUB_OFFLINE"] = "1"  # never reach for the hub; the files are all local
+    import torch
     from sentence_transformers import SentenceTransformer
+
+    from base_model.loader import pick_dtype
 
     model = SentenceTransformer(str(minilm_dir()), device=device, local_files_only=True)
     model.max_seq_length = max_tokens
+    dt = pick_dtype(dtype, torch.device(device))
+    if dt != torch.float32:
+        model.to(dt)
     lock = threading.Lock()  # one encode at a time: the tokenizer and module are shared
     run = run or run_here
 
@@ -56,6 +63,7 @@ class EmbeddingRouter(DenseRouter):
     kind = "embedding"
 
     def __init__(self, embed: Embed | None = None, C: float = 10.0, calibrate_folds: int = 3,
-                 layout_weight: float = 0.7, device: str = "cpu", run: Run | None = None) -> None:
-        super().__init__(embed if embed is not None else minilm_embedder(device, run=run), C, calibrate_folds,
-                         layout_weight)
+                 layout_weight: float = 0.7, device: str = "cpu", run: Run | None = None,
+                 dtype: str = "float32") -> None:
+        super().__init__(embed if embed is not None else minilm_embedder(device, run=run, dtype=dtype), C,
+                         calibrate_folds, layout_weight)

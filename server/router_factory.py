@@ -63,7 +63,8 @@ def make_configured_router(cfg: RouterConfig, loaded: LoadedModel, engine: Engin
         embed = hidden_state_embedder(loaded.model, loaded.tokenizer, run=engine.run_on_engine)
         return make_router(cfg.kind, embed=embed)
     if cfg.kind == "embedding":  # its own encoder, run on the engine thread as well (see Engine.run_on_engine)
-        return make_router(cfg.kind, run=engine.run_on_engine, device=str(loaded.device))
+        return make_router(cfg.kind, run=engine.run_on_engine, device=str(loaded.device),
+                           dtype=str(loaded.dtype).removeprefix("torch."))
     if cfg.kind == "gates":
         from router.gates import GateRouter
 

