@@ -37,7 +37,8 @@ def _peft_logits(base_dir: Path, adapter_dir: Path | None, seq: list[int]) -> to
         return model(torch.tensor([seq])).logits[0]  # (T, V)
 
 
-def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
+@pytest.mark.parametrize("segmented", [False, True], ids=["masked", "segments"])
+def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[str, Path], segmented: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -54,7 +55,8 @@ def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[
     row_slots = [0, -1, 2, 1]  # r4, base, r16, r8mlp
     names = ["r4", None, "r16", "r8mlp"]
 
-    build_lora_batch(batch, row_slots, [None] * 4, ranks, runner.device, runner.dtype)
+    build_lora_batch(batch, row_slots, [None] * 4, ranks, runner.device, runner.dtype, segmented=segmented)
+    assert (batch.segments is not None) == segmented
     logits = runner.prefill([0, 1, 2, 3], prompts)
     seqs = [list(p) for p in prompts]
     lens = [len(p) for p in prompts]
@@ -92,3 +94,35 @@ def test_gate_weights_scale_rank_segments(tiny_llama_dir: Path, adapters: dict[s
     out = runner.prefill([0, 1, 2], [prompt] * 3)
     assert torch.equal(out[0], out[2])
     assert (out[1] - out[2]).abs().max() > 1e-3
+
+
+def test_segments_only_for_contiguous_slots() -> None:
+    from server.engine.lora_layers import LoraBatch
+
+    b = LoraBatch()
+    build_lora_batch(b, [3, 3, -1, 5, 5, 5], [None] * 6, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
+    assert b.segments == [(0, 0, 2), (1, 3, 6)] and b.rank == 8
+    build_lora_batch(b, [3, 5, 3], [None] * 3, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
+    assert b.segments is None  # slot 3 in two runs: masked-dense
+    build_lora_batch(b, [3, 3], [None] * 2, {3: 4}, torch.device("cpu"), torch.float32)
+    assert b.segments is None  # not asked for
+
+
+def test_segmented_gates_weigh_each_row(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
+    """Per-row rank weights (GainLoRA gates) act per row inside a segment exactly as under the mask."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, num_slots=2, max_rank=16)
+    w = load_adapter_dir(adapters["r8mlp"])
+    for path, pair in w.modules.items():
+        layers[path].set_slot(0, pair.A, pair.B, pair.scale)
+    runner = ModelRunner(model, max_rows=3, max_len=64)
+    prompt = list(range(10, 20))
+    weights = [torch.linspace(0, 1, 8), torch.ones(8), None]
+    outs = []
+    for segmented in (False, True):
+        build_lora_batch(batch, [0, 0, -1], weights, {0: 8}, runner.device, runner.dtype, segmented=segmented)
+        outs.append(runner.prefill([0, 1, 2], [prompt] * 3))
+    assert (outs[0] - outs[1]).abs().max().item() < 1e-5
+    assert (outs[1][0] - outs[1][1]).abs().max() > 1e-3  # the two gate vectors really differ in effect
