@@ -132,6 +132,7 @@ def main() -> None:
         print(f"start-up with {args.many} adapters adopted: {time.perf_counter() - t0:.1f} s")
         names = [m["id"] for m in httpx.get(srv.url + "/v1/models").json()["data"] if m["id"].startswith("task")]
         assert len(names) == args.many, len(names)
+        os.sync()  # the set-up wrote GBs (sources + adopted copies): their writeback is not the register's fsync
         hot = hot_register(srv, hot_src)
         slot_avg = slot_load_p50(srv)
         http_run(srv.url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)  # warm-up
