@@ -5,7 +5,7 @@ prompt) that packing costs as much as the product itself. A frozen layer can pac
 the oneDNN-packed weight (``torch.ops.mkldnn._reorder_linear_weight``) and runs ``_linear_pointwise`` on it.
 Measured on the 2-core bf16 CPU: a 1536x576 product of 4 rows drops from about 150 to 90 us.
 
-The ops are the ones PyTorch's own CPU compiler uses; they are private, so ``pack_linears`` only swaps a layer
+The ops are the ones PyTorch's own CPU compiler uses; they are private, so ``pack_linear`` only swaps a layer
 after checking, on that layer, that the op exists and gives the same product as ``F.linear``, and leaves
 everything as it was otherwise (float32, CUDA, or a torch without the ops). Inference only: no autograd.
 """
