@@ -60,6 +60,7 @@ class _Row:
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     label: str = "__base__"
+    pinned: bool = False  # holds a pin on its slot (released exactly once)
     finish: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -213,23 +214,36 @@ class Engine:
 
     # ---- engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while not self._stop.is_set():
+        # Inference mode for the whole loop: tensors made in a step (a grown KV cache) are inference tensors,
+        # and the in-place updates between steps (compacting rows, writing slots) must be allowed on them.
+        with torch.inference_mode():
+            while not self._stop.is_set():
+                try:
+                    self._step()
+                except Exception as e:  # never let one bad step kill the server
+                    log.exception("engine step failed")
+                    self._fail_running(e)
+
+    def _step(self) -> None:
+        idle = not self._rows and not self._waiting
+        self._drain_inbox(block=idle)
+        self._run_control()
+        self._drop_cancelled()
+        self._admit()
+        if self._rows:
+            self._decode()
+        self._report()
+
+    def _fail_running(self, e: Exception) -> None:
+        """Answer every running row with the error and free its slot pin (once: a row may have been retired
+        before the step failed)."""
+        for row in self._rows:
             try:
-                idle = not self._rows and not self._waiting
-                self._drain_inbox(block=idle)
-                self._run_control()
-                self._drop_cancelled()
-                self._admit()
-                if self._rows:
-                    self._decode()
-                self._report()
-            except Exception as e:  # never let one bad step kill the server
-                log.exception("engine step failed")
-                for row in self._rows:
-                    row.req.emit(Failed(f"engine error: {e}"))
-                    self._unpin(row)
-                self._rows.clear()
+                row.req.emit(Failed(f"engine error: {e}"))
+            except Exception:
+                log.exception("could not report the engine error to request %s", row.req.id)
+            self._unpin(row)
+        self._rows.clear()
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -340,7 +354,7 @@ class Engine:
                 req.rank_weights = torch.repeat_interleave(g.cpu(), seg)  # (rank,)
         label = req.adapter[0] if req.adapter else "__base__"
         return _Row(req, slot, RowSampler(req.params), TextAssembler(self.tokenizer, req.params.stop),
-                    length=len(req.prompt_ids), admitted=now, label=label,
+                    length=len(req.prompt_ids), admitted=now, label=label, pinned=slot >= 0,
                     timings={"queue_s": now - req.arrived})
 
     def _set_lora_batch(self, rows: list[_Row], segmented: bool = False) -> None:
@@ -415,7 +429,8 @@ class Engine:
             self.runner.shrink()
 
     def _unpin(self, row: _Row) -> None:
-        if row.slot >= 0:
+        if row.pinned:
+            row.pinned = False
             self.slots.unpin(row.slot)
 
     def _report(self) -> None:
