@@ -106,13 +106,15 @@ def digest_tree(root: Path, sync: bool = False, only: list[str] | None = None) -
         _rel(root, Path(dp) / f) for dp, _, fs in os.walk(root) for f in fs)
     files: dict[str, str] = {}
     weights = hashlib.sha256()
+    weight_files = [rel for rel in rels if rel.endswith(WEIGHT_SUFFIX)]
+    combined = len(weight_files) > 1  # one weight file: the weights' digest is that file's own digest
     size = 0
     for rel in rels:
         h = hashlib.sha256()
         with open(root / rel, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 h.update(chunk)
-                if rel.endswith(WEIGHT_SUFFIX):
+                if combined and rel.endswith(WEIGHT_SUFFIX):
                     weights.update(chunk)
                 size += len(chunk)
             if sync:
@@ -121,7 +123,8 @@ def digest_tree(root: Path, sync: bool = False, only: list[str] | None = None) -
     if sync:
         for dirpath, _, _ in os.walk(root):
             fsync_dir(Path(dirpath))
-    return TreeDigest(files, weights.hexdigest(), size)
+    digest = files[weight_files[0]] if len(weight_files) == 1 else weights.hexdigest()
+    return TreeDigest(files, digest, size)
 
 
 def fsync_dir(path: Path) -> None:
