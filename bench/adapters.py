@@ -16,6 +16,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -141,6 +142,7 @@ def main() -> None:
         sz, tz = http_run(srv.url, lambda i: names[picks[i]], prompts, args.new_tokens, args.concurrency)
         distinct = len(set(picks))
         slot_avg_after = slot_load_p50(srv)
+    shutil.rmtree(work, ignore_errors=True)  # GBs with --many 1000: left behind, they slow later runs' fsyncs
     print(f"\nhot register -> first token (r=16, q/k/v/o, {len(hot)} adapters): p50 {statistics.median(hot) * 1e3:.0f} ms, "
           f"max {max(hot) * 1e3:.0f} ms   (target p50 <= 100 ms)")
     if slot_avg is not None:
