@@ -79,8 +79,8 @@ def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[
             assert (base[n0 - 1] - ref[n0 - 1]).abs().max().item() > 1e-3
 
 
-def test_gate_weights_scale_rank_segments(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
-    """A per-rank weight of 0 on every rank gives exactly the base model; 1 gives the adapter."""
+def _r8mlp_in_slot_0(tiny_llama_dir: Path, adapters: dict[str, Path]):  # type: ignore[no-untyped-def]
+    """The tiny model with adapter r8mlp in slot 0: its LoRA batch and a 3-row runner."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -88,7 +88,12 @@ def test_gate_weights_scale_rank_segments(tiny_llama_dir: Path, adapters: dict[s
     w = load_adapter_dir(adapters["r8mlp"])
     for path, pair in w.modules.items():
         layers[path].set_slot(0, pair.A, pair.B, pair.scale)
-    runner = ModelRunner(model, max_rows=3, max_len=64)
+    return batch, ModelRunner(model, max_rows=3, max_len=64)
+
+
+def test_gate_weights_scale_rank_segments(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
+    """A per-rank weight of 0 on every rank gives exactly the base model; 1 gives the adapter."""
+    batch, runner = _r8mlp_in_slot_0(tiny_llama_dir, adapters)
     prompt = list(range(10, 20))
     build_lora_batch(batch, [0, 0, -1], [torch.zeros(8), torch.ones(8), None], {0: 8}, runner.device, runner.dtype)
     out = runner.prefill([0, 1, 2], [prompt] * 3)
@@ -110,14 +115,7 @@ def test_segments_only_for_contiguous_slots() -> None:
 
 def test_segmented_gates_weigh_each_row(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
     """Per-row rank weights (GainLoRA gates) act per row inside a segment exactly as under the mask."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
-    batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, num_slots=2, max_rank=16)
-    w = load_adapter_dir(adapters["r8mlp"])
-    for path, pair in w.modules.items():
-        layers[path].set_slot(0, pair.A, pair.B, pair.scale)
-    runner = ModelRunner(model, max_rows=3, max_len=64)
+    batch, runner = _r8mlp_in_slot_0(tiny_llama_dir, adapters)
     prompt = list(range(10, 20))
     weights = [torch.linspace(0, 1, 8), torch.ones(8), None]
     outs = []
