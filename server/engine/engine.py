@@ -86,9 +86,8 @@ class Engine:
         self.runner = ModelRunner(model, max_batch_size, max_model_len)
         self.tokenizer = tokenizer
         self.lora_batch, self.lora_layers = lora_batch, lora_layers
-        first = next(iter(lora_layers.values()), None)
-        self.slot_dtype = first.A.dtype if first is not None else self.runner.dtype  # what slots store
-        self.lora_dtype = first.compute_dtype if first is not None else self.runner.dtype  # what the term runs in
+        first = next(iter(lora_layers.values()), None)  # slots store the model's dtype; the term runs in this one
+        self.lora_dtype = first.compute_dtype if first is not None else self.runner.dtype
         self.weights_for = weights_for
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.slots = SlotTable(max_loras)
@@ -328,7 +327,7 @@ class Engine:
         return slot
 
     def _set_slot(self, slot: int, key: AdapterKey, w: AdapterWeights) -> None:
-        for path, (A, Bs) in w.slot_ready(self.slot_dtype).items():
+        for path, (A, Bs) in w.slot_ready(self.runner.dtype).items():
             self.lora_layers[path].write_slot(slot, A, Bs)
         self.slots.assign(slot, key, w.rank)
         if w.gate is not None:

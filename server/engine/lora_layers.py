@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from adapters_store.weights import LoraPair
+
 
 @dataclass
 class LoraBatch:
@@ -122,8 +124,7 @@ class SlotLoRALinear(nn.Module):
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Write ``ΔW = scale · B @ A`` (A (r, in), B (out, r)) into ``slot``."""
-        assert B.shape == (self.out_features, A.shape[0]), f"B {tuple(B.shape)} vs out {self.out_features}"
-        self.write_slot(slot, A.to(self.A.dtype), (B.float().T * scale).to(self.Bs.dtype))
+        self.write_slot(slot, *LoraPair(A, B, scale).slot_form(self.A.dtype))
 
     def write_slot(self, slot: int, A: torch.Tensor, Bs: torch.Tensor) -> None:
         """Store ``A (r, in)`` and ``Bs = scale · Bᵀ (r, out)`` in ``slot``; rank rows a previous occupant used

@@ -12,6 +12,7 @@ everything as it was otherwise (float32, CUDA, or a torch without the ops). Infe
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+@functools.cache
 def _ops_available() -> bool:
     mk = getattr(torch.ops, "mkldnn", None)
     try:
