@@ -39,6 +39,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--clora-lambda", type=float, default=d.clora_lambda)
     p.add_argument("--gate-hidden", type=int, default=d.gate_hidden)
     p.add_argument("--gate-dim", type=int, default=d.gate_dim)
+    p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="GainLoRA gate learning rate")
+    p.add_argument("--gate-threshold", type=float, default=d.gate_threshold,
+                   help="GainLoRA: GPM energy threshold of the gate memories")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--max-input-chars", type=int, default=d.max_input_chars)
     p.add_argument("--prompt-style", default=d.prompt_style, choices=sorted(PROMPT_STYLES),
@@ -73,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
             max_input_chars=args.max_input_chars, prompt_style=args.prompt_style,
             max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
             olora_lambda=args.olora_lambda, clora_lambda=args.clora_lambda,
-            gate_hidden=args.gate_hidden, gate_dim=args.gate_dim, name=args.name,
+            gate_hidden=args.gate_hidden, gate_dim=args.gate_dim,
+            gate_lr=args.gate_lr, gate_threshold=args.gate_threshold, name=args.name,
         )
         tasks = resolve_tasks(args.data, args.order, args.tasks)
         cache_dir = args.cache_dir

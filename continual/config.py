@@ -32,6 +32,9 @@ class TrainConfig:
     clora_lambda: float = 0.01  # C-LoRA orthogonality penalty weight
     gate_hidden: int = 100  # GainLoRA gate MLP hidden size
     gate_dim: int = 64  # GainLoRA gate output / key size
+    gate_lr: float = 5e-3  # GainLoRA gate (W1, W2, new key) learning rate: a task's few hundred steps at the LoRA lr
+    #                        move a unit key by ~0.02, too little for a new gate to open on its own task
+    gate_threshold: float = 0.99  # GPM energy threshold (+0.003 per task) of the gate's input/output memories
     name: str = ""  # adapter name prefix for exports and registration (default: the method name)
 
     def __post_init__(self) -> None:
@@ -40,8 +43,10 @@ class TrainConfig:
             problems.append(f"rank must be >= 1 (got {self.rank})")
         if self.alpha <= 0:
             problems.append(f"alpha must be > 0 (got {self.alpha})")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0 (got {self.lr})")
+        if self.lr <= 0 or self.gate_lr <= 0:
+            problems.append(f"lr and gate lr must be > 0 (got {self.lr}, {self.gate_lr})")
+        if not 0.0 < self.gate_threshold < 1.0:
+            problems.append(f"gate threshold must be in (0, 1) (got {self.gate_threshold})")
         if self.epochs < 1 or self.batch_size < 1:
             problems.append("epochs and batch size must be >= 1")
         if not 0.0 <= self.rehearsal <= 1.0:

@@ -72,7 +72,7 @@ def _train_task(method: Method, model, tok, examples: list[Example], t: int, cfg
     params = method.begin_task(t)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(method.param_groups(params), lr=cfg.lr, weight_decay=0.0)
     device = next(model.parameters()).device
     last = float("nan")
     for epoch in range(cfg.epochs):

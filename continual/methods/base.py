@@ -48,6 +48,10 @@ class Method(ABC):
     def begin_task(self, t: int) -> list[nn.Parameter]:
         """Prepare task ``t`` (add or freeze branches) and return the parameters the optimiser trains."""
 
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        """Optimiser groups over ``begin_task``'s parameters (a group without ``lr`` uses the config's)."""
+        return [{"params": params}]
+
     def set_batch(self, prompt_ids: list[list[int]]) -> None:
         """Called before every forward (training and evaluation) with each row's prompt token ids."""
 

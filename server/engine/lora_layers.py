@@ -4,11 +4,12 @@ Mechanism only: layers know compute slots, nothing about adapter names. Slot ``s
 ``A[s] (R_max, in)`` and ``Bs[s] (R_max, out)`` where ``Bs = scale · Bᵀ`` (the LoRA scale is folded in) and
 unused rank rows are zero, so adapters of different ranks share one buffer.
 
-For a batch, ``LoraBatch`` lists the distinct slots in use (``U`` of them) and a per-row mask
-``(N, U·R)`` that is 1 on the row's own slot (times a per-rank weight: the gate of a GainLoRA branch),
-0 elsewhere. The LoRA term for the whole batch is then two dense matmuls over the gathered slots:
+For a batch, ``LoraBatch`` lists the distinct slots in use (``U`` of them, slot u of rank r_u) and a per-row
+mask ``(N, Σ r_u)`` that is 1 on the row's own slot's columns (times a per-rank weight: the gate of a GainLoRA
+branch), 0 elsewhere. The LoRA term for the whole batch is then two dense matmuls over the gathered slots, each
+slot contributing only its own rank's rows (no padding to the largest rank):
 
-    h = x @ A_uᵀ            # (N, T, U·R)
+    h = x @ A_uᵀ            # (N, T, Σ r_u)
     y = W0 x + (h ⊙ mask) @ Bs_u  # (N, T, out)
 
 which is exact per row (the masked-out products are exact zeros) and costs no Python loop over adapters.
@@ -28,17 +29,16 @@ from adapters_store.weights import LoraPair
 class LoraBatch:
     """Per-forward routing shared by every wrapped layer. Built once per engine step.
 
-    ``uniq``: (U,) slot indices in use; ``mask``: (N, 1, U·R) row mask; ``rank``: R, the largest rank used.
-    ``uniq_list`` mirrors ``uniq`` as Python ints for cheap per-module presence checks.
+    ``uniq_list``: the U slot indices in use; ``spans[u]``: ``(first column, rank)`` of slot ``uniq_list[u]`` in
+    the gathered rank space; ``mask``: (N, 1, Σ rank) row mask.
     ``segments``: when set, ``(u, start, end)`` per slot in use: rows ``start:end`` are exactly the rows on
     ``uniq_list[u]``. Then each segment is multiplied by its own slot only (SGMV-style), instead of every row by
     all U slots under the mask: U times fewer flops, worth its U-fold op count only for many tokens (prefill).
     """
 
-    uniq: torch.Tensor | None = None
     mask: torch.Tensor | None = None
-    rank: int = 0
     uniq_list: list[int] = field(default_factory=list)
+    spans: list[tuple[int, int]] = field(default_factory=list)
     segments: list[tuple[int, int, int]] | None = None
 
     @property
@@ -46,7 +46,7 @@ class LoraBatch:
         return bool(self.uniq_list)
 
     def clear(self) -> None:
-        self.uniq, self.mask, self.rank, self.uniq_list, self.segments = None, None, 0, [], None
+        self.mask, self.uniq_list, self.spans, self.segments = None, [], [], None
 
 
 def build_lora_batch(
@@ -68,21 +68,23 @@ def build_lora_batch(
     if not uniq_list:
         batch.clear()
         return
-    R = max(slot_ranks[s] for s in uniq_list)
-    U, N = len(uniq_list), len(row_slots)
+    spans, start = [], 0
+    for s in uniq_list:
+        spans.append((start, slot_ranks[s]))
+        start += slot_ranks[s]
     pos = {s: i for i, s in enumerate(uniq_list)}
-    mask = torch.zeros(N, U, R, dtype=torch.float32)
+    mask = torch.zeros(len(row_slots), start, dtype=torch.float32)
     for i, (s, w) in enumerate(zip(row_slots, row_rank_weights)):
         if s < 0:
             continue
+        first, r = spans[pos[s]]
         if w is None:
-            mask[i, pos[s], :] = 1.0
+            mask[i, first: first + r] = 1.0
         else:
-            mask[i, pos[s], : w.numel()] = w.float()
-    batch.uniq = torch.tensor(uniq_list, dtype=torch.long, device=device)
-    batch.mask = mask.view(N, 1, U * R).to(device=device, dtype=dtype)
-    batch.rank = R
+            mask[i, first: first + w.numel()] = w.float()
+    batch.mask = mask.unsqueeze(1).to(device=device, dtype=dtype)
     batch.uniq_list = uniq_list
+    batch.spans = spans
     batch.segments = _segments(row_slots, pos) if segmented else None
 
 
@@ -152,12 +154,12 @@ class SlotLoRALinear(nn.Module):
         self._version += 1
 
     def _gathered(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """A_u (U·R, in) and B_u (U·R, out) for the batch's slots, in the compute dtype; reused while the slot set
-        is unchanged."""
-        key = (tuple(b.uniq_list), b.rank, self._version)
+        """A_u (Σ rank, in) and B_u (Σ rank, out) for the batch's slots, in the compute dtype; reused while the
+        slot set is unchanged."""
+        key = (tuple(b.uniq_list), tuple(b.spans), self._version)
         if self._packed is None or self._packed[0] != key:
-            A_u = self.A[b.uniq, : b.rank].reshape(-1, self.in_features).to(self.compute_dtype)
-            B_u = self.Bs[b.uniq, : b.rank].reshape(-1, self.out_features).to(self.compute_dtype)
+            A_u = torch.cat([self.A[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)]).to(self.compute_dtype)
+            B_u = torch.cat([self.Bs[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)]).to(self.compute_dtype)
             self._packed = (key, A_u, B_u)
         return self._packed[1], self._packed[2]
 
@@ -169,17 +171,17 @@ class SlotLoRALinear(nn.Module):
         A_u, B_u = self._gathered(b)  # (U·R, in), (U·R, out)
         if b.segments is not None:
             return self._segmented(x, y, A_u, B_u, b)
-        h = torch.matmul(x.to(A_u.dtype), A_u.T) * b.mask  # (N, T, U·R)
+        h = torch.matmul(x.to(A_u.dtype), A_u.T) * b.mask  # (N, T, Σ rank)
         return y + torch.matmul(h, B_u).to(y.dtype)
 
     def _segmented(self, x: torch.Tensor, y: torch.Tensor, A_u: torch.Tensor, B_u: torch.Tensor,
                    b: LoraBatch) -> torch.Tensor:
         """Rows ``start:end`` of slot ``u``: ``y[start:end] += (x A_sᵀ ⊙ w) B_s`` (w: the rows' rank weights)."""
-        R = b.rank
         for u, start, end in b.segments or ():
             if not self.present[b.uniq_list[u]]:
                 continue
-            ranks = slice(u * R, (u + 1) * R)
+            first, r = b.spans[u]
+            ranks = slice(first, first + r)
             h = torch.matmul(x[start:end].to(A_u.dtype), A_u[ranks].T) * b.mask[start:end, :, ranks]  # (n, T, R)
             y[start:end] += torch.matmul(h, B_u[ranks]).to(y.dtype)  # (n, T, out)
         return y

@@ -118,3 +118,21 @@ def test_gainlora_export_reproduces_trainer(tmp_path, tiny_llama_dir, cl_data_di
         assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
     pooled = torch.randn(2, base.get_input_embeddings().embedding_dim)
     assert w.gate(pooled[0]).shape == (2,) and w.gate(pooled).shape == (2, 2)
+
+
+def test_gate_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "gainlora", n_train=6, lr=1e-4, gate_lr=2e-2)
+    m.begin_task(0)
+    m.end_task(0)
+    params = m.begin_task(1)
+    groups = m.param_groups(params)
+    gate = {id(p) for p in (m.gate.W1, m.gate.W2, m.gate.keys[-1])}
+    by_lr = {g.get("lr", m.cfg.lr): {id(p) for p in g["params"]} for g in groups}
+    assert by_lr == {1e-4: {id(p) for p in params} - gate, 2e-2: gate}
+    opt = torch.optim.AdamW(groups, lr=m.cfg.lr, weight_decay=0.0)  # as the runner builds it
+    key0 = m.gate.keys[-1].detach().clone()
+    m.gate.keys[-1].grad = torch.ones_like(key0)
+    for p in params[:2]:
+        p.grad = torch.zeros_like(p)
+    opt.step()  # Adam's first step moves every coordinate by about its lr
+    assert torch.allclose((m.gate.keys[-1] - key0).abs(), torch.full_like(key0, 2e-2), rtol=1e-3)

@@ -106,7 +106,10 @@ def test_segments_only_for_contiguous_slots() -> None:
 
     b = LoraBatch()
     build_lora_batch(b, [3, 3, -1, 5, 5, 5], [None] * 6, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
-    assert b.segments == [(0, 0, 2), (1, 3, 6)] and b.rank == 8
+    assert b.segments == [(0, 0, 2), (1, 3, 6)]
+    assert b.spans == [(0, 4), (4, 8)]  # each slot takes its own rank's columns, none padded to the largest
+    assert b.mask.shape == (6, 1, 12) and b.mask[0, 0].tolist() == [1.0] * 4 + [0.0] * 8
+    assert b.mask[2].sum() == 0 and b.mask[3, 0].tolist() == [0.0] * 4 + [1.0] * 8
     build_lora_batch(b, [3, 5, 3], [None] * 3, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
     assert b.segments is None  # slot 3 in two runs: masked-dense
     build_lora_batch(b, [3, 3], [None] * 2, {3: 4}, torch.device("cpu"), torch.float32)
