@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from .loaders.peft_lora import CONVERT_HINT
 from .loaders.peft_lora import PICKLE_SUFFIXES as _PEFT_PICKLES
@@ -78,19 +79,6 @@ def plan_dir(src: Path) -> FilePlan:
     return plan
 
 
-def copy_file(src: Path, dst: Path) -> None:
-    """Copy one file's bytes (no metadata, never following into anything but a regular file)."""
-    with open(src, "rb") as fi, open(dst, "xb") as fo:
-        shutil.copyfileobj(fi, fo, _CHUNK)
-
-
-def copy_plan(src: Path, dst: Path, plan: FilePlan) -> None:
-    for rel in plan.kept:
-        target = dst / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        copy_file(src / rel, target)
-
-
 @dataclass(frozen=True)
 class TreeDigest:
     """``files``: relative path -> sha256; ``sha256``: the weights' digest (see ``Manifest``); total size."""
@@ -100,31 +88,70 @@ class TreeDigest:
     size_bytes: int
 
 
+class _TreeHash:
+    """Per-file digests of a tree, and the weights' digest: a single weights file's own digest, else the digest of
+    every weights file's bytes in path order."""
+
+    def __init__(self, rels: list[str]) -> None:
+        self.weight_files = [rel for rel in rels if rel.endswith(WEIGHT_SUFFIX)]
+        self.weights = hashlib.sha256()
+        self.files: dict[str, str] = {}
+        self.size = 0
+
+    def stream(self, rel: str, fi: BinaryIO, fo: BinaryIO | None = None) -> None:
+        """Hash ``rel``'s bytes as read from ``fi`` (writing them to ``fo`` too, when given)."""
+        h = hashlib.sha256()
+        combined = len(self.weight_files) > 1 and rel.endswith(WEIGHT_SUFFIX)
+        while chunk := fi.read(_CHUNK):
+            h.update(chunk)
+            if combined:
+                self.weights.update(chunk)
+            if fo is not None:
+                fo.write(chunk)
+            self.size += len(chunk)
+        self.files[rel] = h.hexdigest()
+
+    def result(self) -> TreeDigest:
+        one = len(self.weight_files) == 1
+        return TreeDigest(self.files, self.files[self.weight_files[0]] if one else self.weights.hexdigest(), self.size)
+
+
+def copy_file(src: Path, dst: Path, tree: _TreeHash, rel: str) -> None:
+    """Copy one file's bytes (no metadata, never following into anything but a regular file), hashing them on
+    the way, and sync the copy."""
+    with open(src, "rb") as fi, open(dst, "xb") as fo:
+        tree.stream(rel, fi, fo)
+        fo.flush()
+        os.fsync(fo.fileno())
+
+
+def copy_plan(src: Path, dst: Path, plan: FilePlan) -> TreeDigest:
+    """Copy the planned files, synced, with their digests taken from the bytes copied (no second read)."""
+    rels = sorted(plan.kept)
+    tree = _TreeHash(rels)
+    for rel in rels:
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy_file(src / rel, target, tree, rel)
+    for dirpath, _, _ in os.walk(dst):
+        fsync_dir(Path(dirpath))
+    return tree.result()
+
+
 def digest_tree(root: Path, sync: bool = False, only: list[str] | None = None) -> TreeDigest:
     """Hash every kept file under ``root`` (or just ``only``); with ``sync`` also fsync files and directories."""
     rels = sorted(only) if only is not None else sorted(
         _rel(root, Path(dp) / f) for dp, _, fs in os.walk(root) for f in fs)
-    files: dict[str, str] = {}
-    weights = hashlib.sha256()
-    weight_files = [rel for rel in rels if rel.endswith(WEIGHT_SUFFIX)]
-    combined = len(weight_files) > 1  # one weight file: the weights' digest is that file's own digest
-    size = 0
+    tree = _TreeHash(rels)
     for rel in rels:
-        h = hashlib.sha256()
         with open(root / rel, "rb") as fh:
-            while chunk := fh.read(_CHUNK):
-                h.update(chunk)
-                if combined and rel.endswith(WEIGHT_SUFFIX):
-                    weights.update(chunk)
-                size += len(chunk)
+            tree.stream(rel, fh)
             if sync:
                 os.fsync(fh.fileno())
-        files[rel] = h.hexdigest()
     if sync:
         for dirpath, _, _ in os.walk(root):
             fsync_dir(Path(dirpath))
-    digest = files[weight_files[0]] if len(weight_files) == 1 else weights.hexdigest()
-    return TreeDigest(files, digest, size)
+    return tree.result()
 
 
 def fsync_dir(path: Path) -> None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .archive import safe_extract
 from .errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound
-from .files import copy_plan, digest_tree, fsync_dir, plan_dir, write_synced
+from .files import TreeDigest, copy_plan, digest_tree, fsync_dir, plan_dir, write_synced
 from .kinds import KIND_FILE, load_adapter_dir
 from .locks import NameLocks, owned_tempdir, remove_abandoned
 from .spec import BaseModelSpec, Manifest, utc_now
@@ -233,19 +233,20 @@ class AdapterStore:
                 return existing, False
         with owned_tempdir(self._dir / ".tmp") as tmp:
             (tmp / "v").mkdir()
-            copy_plan(src, tmp / "v" / "adapter", plan)
-            return self._validate_and_commit(name, tmp, problems, description, examples, origin, loaded)
+            digest = copy_plan(src, tmp / "v" / "adapter", plan)
+            return self._validate_and_commit(name, tmp, problems, description, examples, origin, loaded, digest)
 
     def _validate_and_commit(self, name: str, tmp: Path, problems: list[Problem], description: str | None,
-                             examples: Sequence[str] | None, origin: str,
-                             loaded: Loaded | None = None) -> tuple[Manifest, bool]:
+                             examples: Sequence[str] | None, origin: str, loaded: Loaded | None = None,
+                             digest: TreeDigest | None = None) -> tuple[Manifest, bool]:
+        """``digest``: of the files under ``tmp``, already synced (a copy hashes as it writes); else computed here."""
         adapter_dir = tmp / "v" / "adapter"
         try:
             weights = load_adapter_dir(adapter_dir)
         except AdapterError as e:
             raise_problems(problems + Problem.from_error(e), f"adapter {name!r}")
         raise_problems(problems + adapter_problems(weights, self.base), f"adapter {name!r}")
-        digest = digest_tree(adapter_dir, sync=True)
+        digest = digest or digest_tree(adapter_dir, sync=True)
         alpha = weights.meta.get("lora_alpha")
         with self._locks.hold(name):
             if origin == "adopt" and (existing := self._same_weights(name, digest.sha256)) is not None:

@@ -30,6 +30,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     olora_lambda: float = 0.5  # O-LoRA λ1 (also used by gainlora's branches)
     clora_lambda: float = 0.01  # C-LoRA orthogonality penalty weight
+    routing_lr: float = 5e-3  # C-LoRA: learning rate of R_δ, all a later task trains (r² numbers per module); at
+    #                           the LoRA lr a task's few hundred steps move each entry by ~0.02
     gate_hidden: int = 100  # GainLoRA gate MLP hidden size
     gate_dim: int = 64  # GainLoRA gate output / key size
     gate_lr: float = 5e-3  # GainLoRA gate (W1, W2, new key) learning rate: a task's few hundred steps at the LoRA lr
@@ -43,8 +45,9 @@ class TrainConfig:
             problems.append(f"rank must be >= 1 (got {self.rank})")
         if self.alpha <= 0:
             problems.append(f"alpha must be > 0 (got {self.alpha})")
-        if self.lr <= 0 or self.gate_lr <= 0:
-            problems.append(f"lr and gate lr must be > 0 (got {self.lr}, {self.gate_lr})")
+        if min(self.lr, self.gate_lr, self.routing_lr) <= 0:
+            problems.append(f"learning rates must be > 0 (got lr {self.lr}, gate lr {self.gate_lr}, "
+                            f"routing lr {self.routing_lr})")
         if not 0.0 < self.gate_threshold < 1.0:
             problems.append(f"gate threshold must be in (0, 1) (got {self.gate_threshold})")
         if self.epochs < 1 or self.batch_size < 1:

@@ -7,8 +7,8 @@ Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing ma
 * Task 0: R_old = I (frozen), R_δ = 0; A, B (PEFT init: B = 0) and R_δ train, so task 0 is a plain LoRA.
 * After every task: fold R_old <- R_old + R_δ, R_δ <- 0, and grow the old-task subspace U (r, k) of u = A x with
   GPM over the task's training tokens (energy threshold 0.97 + 0.003 t). This fold is the exported version.
-* Tasks t >= 1: A and B are frozen; only R_δ trains (from zero), with the penalty
-  ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use.
+* Tasks t >= 1: A and B are frozen; only R_δ trains (from zero, at its own learning rate ``routing_lr``), with the
+  penalty ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use.
 
 Guarantees (tested): at the start of every task the model equals the previous version (R_δ = 0); for any input
 with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0, so the penalty bounds the drift on old inputs by
@@ -47,6 +47,11 @@ class CLoRA(Method):
             layer.R_delta = nn.Parameter(torch.zeros(r, r, device=self.device))
             params.append(layer.R_delta)
         return params
+
+    def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
+        routing = {id(layer.R_delta) for layer in self.layers.values()}
+        return [{"params": [p for p in params if id(p) not in routing]},
+                {"params": [p for p in params if id(p) in routing], "lr": self.cfg.routing_lr}]
 
     def penalty(self) -> torch.Tensor | None:
         if not self.bases or self.cfg.clora_lambda == 0:

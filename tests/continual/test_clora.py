@@ -77,3 +77,14 @@ def test_penalty_reduces_overlap(tiny_llama_dir, cl_data_dir):
             opt.step()
         overlaps[lam] = m.overlap()
     assert overlaps[1.0] < 0.5 * overlaps[0.0], overlaps
+
+
+def test_routing_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", lr=1e-4, routing_lr=3e-2)
+    m.begin_task(0)
+    m.end_task(0)
+    params = m.begin_task(1)
+    routing = {id(layer.R_delta) for layer in m.layers.values()}
+    groups = m.param_groups(params)
+    assert {g.get("lr", m.cfg.lr): len(g["params"]) for g in groups} == {1e-4: 0, 3e-2: len(routing)}
+    assert {id(p) for p in groups[1]["params"]} == routing == {id(p) for p in params}  # later tasks: R_δ only

@@ -33,6 +33,18 @@ def test_register_real_peft_adapter_and_load_back(store: AdapterStore, peft_adap
     assert w.meta["version"] == 1
 
 
+def test_digests_taken_while_copying_match_the_stored_bytes(store: AdapterStore, make_adapter) -> None:
+    """The copy hashes what it writes: the manifest equals a fresh read of the stored files, also for the
+    weights' digest over several weights files."""
+    src = make_adapter(seed=3)
+    shutil.copy(src / "adapter_model.safetensors", src / "extra.safetensors")
+    m = store.register_dir("two", src)
+    fresh = files_mod.digest_tree(store.path("two"))
+    assert m.files == fresh.files and set(m.files) >= {"adapter_model.safetensors", "extra.safetensors"}
+    assert m.sha256 == fresh.sha256 and m.size_bytes == fresh.size_bytes
+    assert m.sha256 != m.files["adapter_model.safetensors"]  # two weights files: the digest covers both
+
+
 def test_versions_are_monotonic_and_survive_reopen(store: AdapterStore, make_adapter, base_spec: BaseModelSpec) -> None:
     for seed in range(3):
         store.register_dir("chat", make_adapter(seed=seed))
@@ -94,12 +106,12 @@ def test_crash_mid_write_keeps_previous_version(store: AdapterStore, make_adapte
     real_copy = files_mod.copy_file
     calls = []
 
-    def copy_then_crash(src: Path, dst: Path) -> None:
+    def copy_then_crash(src: Path, dst: Path, *args) -> None:
         calls.append(src)
         if len(calls) == 2:
             dst.write_bytes(b"half")
             raise OSError("disk vanished")
-        real_copy(src, dst)
+        real_copy(src, dst, *args)
 
     monkeypatch.setattr(files_mod, "copy_file", copy_then_crash)
     with pytest.raises(OSError, match="disk vanished"):
