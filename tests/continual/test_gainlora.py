@@ -136,3 +136,28 @@ def test_gate_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
         p.grad = torch.zeros_like(p)
     opt.step()  # Adam's first step moves every coordinate by about its lr
     assert torch.allclose((m.gate.keys[-1] - key0).abs(), torch.full_like(key0, 2e-2), rtol=1e-3)
+
+
+def test_new_key_points_at_the_new_task_and_stays_orthogonal(tiny_llama_dir, cl_data_dir):
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    m.begin_task(0)
+    m.end_task(0)
+    _record_task(m, 0)
+    U_h = m.bases["h"]
+    m.begin_task(1)
+    random_key = m.gate.keys[-1].detach().clone()
+    new_ids = prompt_ids(loaded.tokenizer, [ex.prompt for ex in m.tasks[1].train])
+    emb = loaded.model.get_input_embeddings()
+    new = pooled_prompt(emb, new_ids, m.device)
+    gate_random = m.gate(new)[:, 1].detach()
+    m.set_batch(new_ids)  # the task's first training batch aims the key
+    key = m.gate.keys[-1].detach()
+    assert torch.allclose(U_h.t() @ key, torch.zeros(U_h.shape[1]), atol=1e-5)
+    aim = m.gate.output(new).detach().mean(0)
+    aim = aim - U_h @ (U_h.t() @ aim)
+    assert torch.allclose(key, aim / aim.norm(), atol=1e-5)
+    assert m.gate(new)[:, 1].mean() > gate_random.mean()  # opens more on its own task than a random key
+    assert torch.equal(m._start["key"], key)  # the GPM projection of later steps starts from the aimed key
+    m.set_batch(prompt_ids(loaded.tokenizer, [ex.prompt for ex in m.tasks[0].train]))
+    assert torch.equal(m.gate.keys[-1].detach(), key)  # aimed once per task
+    assert not torch.equal(key, random_key)
