@@ -25,6 +25,16 @@ def _setup(tiny_llama_dir, cl_data_dir):
     return loaded, m
 
 
+def _at_second_task(tiny_llama_dir, cl_data_dir):
+    """Task 0 done and memorised (U_h: its gate outputs' basis), task 1 begun."""
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    m.begin_task(0)
+    m.end_task(0)
+    _record_task(m, 0)
+    m.begin_task(1)
+    return loaded, m, m.bases["h"]
+
+
 def test_gate_ignores_padding(tiny_llama_dir, cl_data_dir):
     loaded, m = _setup(tiny_llama_dir, cl_data_dir)
     m.begin_task(0)
@@ -41,12 +51,7 @@ def test_gate_ignores_padding(tiny_llama_dir, cl_data_dir):
 
 
 def test_new_key_orthogonal_and_projection_keeps_old_gates(tiny_llama_dir, cl_data_dir):
-    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
-    m.begin_task(0)
-    m.end_task(0)
-    _record_task(m, 0)
-    U_h = m.bases["h"]
-    m.begin_task(1)
+    loaded, m, U_h = _at_second_task(tiny_llama_dir, cl_data_dir)
     new_key = m.gate.keys[-1].detach()
     assert torch.allclose(U_h.t() @ new_key, torch.zeros(U_h.shape[1]), atol=1e-5)
 
@@ -139,12 +144,7 @@ def test_gate_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
 
 
 def test_new_key_points_at_the_new_task_and_stays_orthogonal(tiny_llama_dir, cl_data_dir):
-    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
-    m.begin_task(0)
-    m.end_task(0)
-    _record_task(m, 0)
-    U_h = m.bases["h"]
-    m.begin_task(1)
+    loaded, m, U_h = _at_second_task(tiny_llama_dir, cl_data_dir)
     random_key = m.gate.keys[-1].detach().clone()
     new_ids = prompt_ids(loaded.tokenizer, [ex.prompt for ex in m.tasks[1].train])
     emb = loaded.model.get_input_embeddings()
