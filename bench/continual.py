@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-threads", type=int, default=None)
+    ap.add_argument("--joint-only", action="store_true", help="multitask trains only its joint (last-row) model")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     tasks = resolve_tasks(args.data, None if args.tasks else args.order, args.tasks)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:
         cfg = TrainConfig(method=m, rank=args.rank, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                           max_train=args.max_train, max_test=args.max_test, eval_batch_size=args.eval_batch_size,
-                          max_input_chars=args.max_input_chars)
+                          max_input_chars=args.max_input_chars, joint_only=args.joint_only and m == "multitask")
         spec = RunSpec(data_dir=args.data, tasks=tasks, out_dir=args.out / m, cache_dir=args.cache_dir,
                        base_model=args.base_model, device=args.device, dtype=args.dtype,
                        num_threads=args.num_threads, progress=False)

@@ -37,6 +37,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--ewc-lambda", type=float, default=d.ewc_lambda)
     p.add_argument("--olora-lambda", type=float, default=d.olora_lambda)
     p.add_argument("--clora-lambda", type=float, default=d.clora_lambda)
+    p.add_argument("--joint-only", action="store_true",
+                   help="multitask: train only the joint model on all tasks (earlier rows: the untrained base)")
     p.add_argument("--routing-lr", type=float, default=d.routing_lr, help="C-LoRA: learning rate of R_delta")
     p.add_argument("--gate-hidden", type=int, default=d.gate_hidden)
     p.add_argument("--gate-dim", type=int, default=d.gate_dim)
@@ -78,7 +80,8 @@ def _train(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
             olora_lambda=args.olora_lambda, clora_lambda=args.clora_lambda,
             gate_hidden=args.gate_hidden, gate_dim=args.gate_dim,
-            gate_lr=args.gate_lr, gate_threshold=args.gate_threshold, routing_lr=args.routing_lr, name=args.name,
+            gate_lr=args.gate_lr, gate_threshold=args.gate_threshold, routing_lr=args.routing_lr,
+            joint_only=args.joint_only, name=args.name,
         )
         tasks = resolve_tasks(args.data, args.order, args.tasks)
         cache_dir = args.cache_dir

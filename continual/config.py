@@ -37,6 +37,8 @@ class TrainConfig:
     gate_lr: float = 5e-3  # GainLoRA gate (W1, W2, new key) learning rate: a task's few hundred steps at the LoRA lr
     #                        move a unit key by ~0.02, too little for a new gate to open on its own task
     gate_threshold: float = 0.99  # GPM energy threshold (+0.003 per task) of the gate's input/output memories
+    joint_only: bool = False  # multitask: train only the last stage, the joint model on every task's data (the
+    #                           earlier rows of its accuracy matrix are then the untrained start, i.e. the base model)
     name: str = ""  # adapter name prefix for exports and registration (default: the method name)
 
     def __post_init__(self) -> None:

@@ -1,7 +1,9 @@
 """``multitask``: one LoRA trained jointly on all tasks' data (the usual upper bound).
 
 To fill the accuracy matrix, stage t trains a fresh LoRA on the shuffled union of tasks 0..t's training examples
-(row t is the joint model over the first t+1 tasks); the last row is the plain multi-task model.
+(row t is the joint model over the first t+1 tasks); the last row is the plain multi-task model. With
+``joint_only`` the stages before the last train nothing (their rows are the untrained start: the base model), so
+only the joint model is paid for; its AP is the one to compare with, its FT/BWT then mean nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class Multitask(Method):
     uses_rehearsal = False
 
     def train_examples(self, t: int) -> list[Example]:
+        if self.cfg.joint_only and t < len(self.tasks) - 1:
+            return []
         pool = [ex for task in self.tasks[: t + 1] for ex in task.train]
         random.Random(f"{self.cfg.seed}:multitask:{t}").shuffle(pool)
         return pool

@@ -89,3 +89,17 @@ def test_rehearsal_replays_earlier_tasks(tiny_llama_dir, cl_data_dir):
     replay = _rehearsal(m, m.tasks, 1, 4, m.cfg)
     assert len(replay) == 2 and all(ex.task == "agnews" for ex in replay)
     assert _rehearsal(m, m.tasks, 0, 4, m.cfg) == []
+
+
+def test_multitask_joint_only_trains_just_the_joint_model(tmp_path, tiny_llama_dir, cl_data_dir):
+    out = tmp_path / "mt"
+    assert main(_args(cl_data_dir, tiny_llama_dir, out, "multitask", "--joint-only", "--lr", "5e-2")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["joint_only"] is True and len(m["accuracy"]) == 2
+    first = load_file(str(out / "checkpoints" / "task_00" / "state.safetensors"))
+    last = load_file(str(out / "checkpoints" / "task_01" / "state.safetensors"))
+    b_keys = [k for k in first if ".B." in k]
+    assert b_keys and all(torch.count_nonzero(first[k]) == 0 for k in b_keys)  # stage 0: untrained (B = 0)
+    assert any(torch.count_nonzero(last[k]) > 0 for k in b_keys)  # the joint stage trained
+    stage0 = json.loads((out / "checkpoints" / "task_00" / "state.json").read_text())
+    assert stage0["last_loss"] != stage0["last_loss"]  # NaN: no training step at stage 0
