@@ -48,6 +48,11 @@ class Method(ABC):
     def begin_task(self, t: int) -> list[nn.Parameter]:
         """Prepare task ``t`` (add or freeze branches) and return the parameters the optimiser trains."""
 
+    def untrained(self, t: int) -> bool:
+        """Whether stage ``t`` leaves the model at its untrained start (two such stages in a row need one
+        evaluation)."""
+        return False
+
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
         """Optimiser groups over ``begin_task``'s parameters (a group without ``lr`` uses the config's)."""
         return [{"params": params}]

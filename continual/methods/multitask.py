@@ -21,8 +21,11 @@ from .base import Method
 class Multitask(Method):
     uses_rehearsal = False
 
+    def untrained(self, t: int) -> bool:
+        return self.cfg.joint_only and t < len(self.tasks) - 1
+
     def train_examples(self, t: int) -> list[Example]:
-        if self.cfg.joint_only and t < len(self.tasks) - 1:
+        if self.untrained(t):
             return []
         pool = [ex for task in self.tasks[: t + 1] for ex in task.train]
         random.Random(f"{self.cfg.seed}:multitask:{t}").shuffle(pool)

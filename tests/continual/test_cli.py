@@ -93,11 +93,14 @@ def test_rehearsal_replays_earlier_tasks(tiny_llama_dir, cl_data_dir):
 
 def test_multitask_joint_only_trains_just_the_joint_model(tmp_path, tiny_llama_dir, cl_data_dir):
     out = tmp_path / "mt"
-    assert main(_args(cl_data_dir, tiny_llama_dir, out, "multitask", "--joint-only", "--lr", "5e-2")) == 0
+    args = _args(cl_data_dir, tiny_llama_dir, out, "multitask", "--joint-only", "--lr", "5e-2")
+    args[args.index("--tasks") + 1] = "agnews,amazon,dbpedia"
+    assert main(args) == 0
     m = json.loads((out / "metrics.json").read_text())
-    assert m["config"]["joint_only"] is True and len(m["accuracy"]) == 2
+    assert m["config"]["joint_only"] is True and len(m["accuracy"]) == 3
+    assert m["accuracy"][0] == m["accuracy"][1]  # both the untrained start: evaluated once
     first = load_file(str(out / "checkpoints" / "task_00" / "state.safetensors"))
-    last = load_file(str(out / "checkpoints" / "task_01" / "state.safetensors"))
+    last = load_file(str(out / "checkpoints" / "task_02" / "state.safetensors"))
     b_keys = [k for k in first if ".B." in k]
     assert b_keys and all(torch.count_nonzero(first[k]) == 0 for k in b_keys)  # stage 0: untrained (B = 0)
     assert any(torch.count_nonzero(last[k]) > 0 for k in b_keys)  # the joint stage trained
