@@ -7,7 +7,7 @@ Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing ma
 * Task 0: R_old = I (frozen), R_δ = 0; A, B (PEFT init: B = 0) and R_δ train, so task 0 is a plain LoRA.
 * After every task: fold R_old <- R_old + R_δ, R_δ <- 0, and grow the old-task subspace U (r, k) of u = A x with
   GPM over the task's training tokens (energy threshold 0.97 + 0.003 t). This fold is the exported version.
-* Tasks t >= 1: A and B are frozen; only R_δ trains (from zero, at its own learning rate ``routing_lr``), with the
+* Tasks t >= 1: A and B are frozen; only R_δ trains (from zero, at ``routing_lr``, default the LoRA's), with the
   penalty ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use.
 
 Guarantees (tested): at the start of every task the model equals the previous version (R_δ = 0); for any input
@@ -51,7 +51,7 @@ class CLoRA(Method):
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
         routing = {id(layer.R_delta) for layer in self.layers.values()}
         return [{"params": [p for p in params if id(p) not in routing]},
-                {"params": [p for p in params if id(p) in routing], "lr": self.cfg.routing_lr}]
+                {"params": [p for p in params if id(p) in routing], "lr": self.cfg.routing_lr or self.cfg.lr}]
 
     def penalty(self) -> torch.Tensor | None:
         if not self.bases or self.cfg.clora_lambda == 0:
