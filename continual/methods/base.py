@@ -57,6 +57,13 @@ class Method(ABC):
         """Optimiser groups over ``begin_task``'s parameters (a group without ``lr`` uses the config's)."""
         return [{"params": params}]
 
+    @staticmethod
+    def own_lr_groups(params: list[nn.Parameter], own: list[nn.Parameter], lr: float) -> list[dict]:
+        """Two groups: ``params`` outside ``own`` at the config's lr, those in ``own`` at ``lr``."""
+        ids = {id(p) for p in own}
+        return [{"params": [p for p in params if id(p) not in ids]},
+                {"params": [p for p in params if id(p) in ids], "lr": lr}]
+
     def set_batch(self, prompt_ids: list[list[int]]) -> None:
         """Called before every forward (training and evaluation) with each row's prompt token ids."""
 

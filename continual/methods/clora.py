@@ -49,9 +49,8 @@ class CLoRA(Method):
         return params
 
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
-        routing = {id(layer.R_delta) for layer in self.layers.values()}
-        return [{"params": [p for p in params if id(p) not in routing]},
-                {"params": [p for p in params if id(p) in routing], "lr": self.cfg.routing_lr or self.cfg.lr}]
+        routing = [layer.R_delta for layer in self.layers.values()]
+        return self.own_lr_groups(params, routing, self.cfg.routing_lr or self.cfg.lr)
 
     def penalty(self) -> torch.Tensor | None:
         if not self.bases or self.cfg.clora_lambda == 0:

@@ -103,9 +103,7 @@ class GainLoRA(Method):
         return params + [self.gate.W1, self.gate.W2, self.gate.keys[-1]]
 
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
-        gate = {id(p) for p in self.gate.parameters()}
-        return [{"params": [p for p in params if id(p) not in gate]},
-                {"params": [p for p in params if id(p) in gate], "lr": self.cfg.gate_lr or self.cfg.lr}]
+        return self.own_lr_groups(params, list(self.gate.parameters()), self.cfg.gate_lr or self.cfg.lr)
 
     def set_batch(self, prompt_ids: list[list[int]]) -> None:
         pooled = pooled_prompt(self.model.get_input_embeddings(), prompt_ids, self.device)  # (B, H)

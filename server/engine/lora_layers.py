@@ -40,13 +40,14 @@ class LoraBatch:
     uniq_list: list[int] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
     segments: list[tuple[int, int, int]] | None = None
+    layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
 
     @property
     def active(self) -> bool:
         return bool(self.uniq_list)
 
     def clear(self) -> None:
-        self.mask, self.uniq_list, self.spans, self.segments = None, [], [], None
+        self.mask, self.uniq_list, self.spans, self.segments, self.layout = None, [], [], None, ()
 
 
 def build_lora_batch(
@@ -85,6 +86,7 @@ def build_lora_batch(
     batch.mask = mask.unsqueeze(1).to(device=device, dtype=dtype)
     batch.uniq_list = uniq_list
     batch.spans = spans
+    batch.layout = (tuple(uniq_list), tuple(spans))
     batch.segments = _segments(row_slots, pos) if segmented else None
 
 
@@ -156,7 +158,7 @@ class SlotLoRALinear(nn.Module):
     def _gathered(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """A_u (Σ rank, in) and B_u (Σ rank, out) for the batch's slots, in the compute dtype; reused while the
         slot set is unchanged."""
-        key = (tuple(b.uniq_list), tuple(b.spans), self._version)
+        key = (b.layout, self._version)
         if self._packed is None or self._packed[0] != key:
             A_u = torch.cat([self.A[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)]).to(self.compute_dtype)
             B_u = torch.cat([self.Bs[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)]).to(self.compute_dtype)
