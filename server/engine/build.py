@@ -11,7 +11,7 @@ from base_model.loader import LoadedModel
 from ..settings import EngineConfig
 from .engine import Engine, EngineHooks
 from .lora_layers import lora_dtype, wrap_lora_layers
-from .packed_linear import pack_model_linears
+from .packed_lora import pack_for_cpu
 from .slots import AdapterKey
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def build_engine(
     batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank,
                                      lora_dtype(loaded.device, loaded.dtype))
     if cfg.pack_weights:
-        packed = pack_model_linears(loaded.model)  # the base linears inside the LoRA wrappers too
-        log.info("packed %d base linear layers for oneDNN", packed)
+        packed, fused = pack_for_cpu(loaded.model, layers)  # the base linears inside the LoRA wrappers too
+        log.info("packed %d base linear layers for oneDNN; %d attentions with fused q/k/v", packed, fused)
     return Engine(
         loaded.model, loaded.tokenizer, batch, layers, weights_for,
         max_batch_size=cfg.max_batch_size, max_loras=cfg.max_loras, max_queue=cfg.max_queue,

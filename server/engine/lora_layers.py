@@ -18,6 +18,7 @@ which is exact per row (the masked-out products are exact zeros) and costs no Py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -41,6 +42,7 @@ class LoraBatch:
     spans: list[tuple[int, int]] = field(default_factory=list)
     segments: list[tuple[int, int, int]] | None = None
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
+    _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # flat_mask copies of this step
 
     @property
     def active(self) -> bool:
@@ -48,6 +50,18 @@ class LoraBatch:
 
     def clear(self) -> None:
         self.mask, self.uniq_list, self.spans, self.segments, self.layout = None, [], [], None, ()
+        self._flat = {}
+
+    def flat_mask(self, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask as ``(N·T, copies·Σ rank)`` in ``dtype``: one row per token, repeated for layers that share
+        one input (see packed_lora.py); built once per step and shape."""
+        assert self.mask is not None
+        key = (T, copies, dtype)
+        if key not in self._flat:
+            N, _, S = self.mask.shape
+            m = self.mask.to(dtype).expand(N, T, S).reshape(N * T, S)  # (N·T, S)
+            self._flat[key] = torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
+        return self._flat[key]
 
 
 def build_lora_batch(
@@ -84,6 +98,7 @@ def build_lora_batch(
         else:
             mask[i, first: first + w.numel()] = w.float()
     batch.mask = mask.unsqueeze(1).to(device=device, dtype=dtype)
+    batch._flat = {}
     batch.uniq_list = uniq_list
     batch.spans = spans
     batch.layout = (tuple(uniq_list), tuple(spans))
@@ -121,6 +136,7 @@ class SlotLoRALinear(nn.Module):
         self._ranks = [0] * num_slots  # rank rows of each slot that may be non-zero
         self._version = 0  # bumped on every slot write: invalidates the packed copy below
         self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, A_u, B_u)
+        self.packed_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # see packed_lora.py
 
     @property
     def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device)
@@ -155,21 +171,31 @@ class SlotLoRALinear(nn.Module):
         self.present[slot] = False
         self._version += 1
 
+    def gather(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """A_u (Σ rank, in) and B_u (Σ rank, out): the batch's slots side by side, in the slots' dtype."""
+        A_u = torch.cat([self.A[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)])
+        B_u = torch.cat([self.Bs[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)])
+        return A_u, B_u
+
     def _gathered(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """A_u (Σ rank, in) and B_u (Σ rank, out) for the batch's slots, in the compute dtype; reused while the
-        slot set is unchanged."""
+        """``gather`` in the compute dtype; reused while the slot layout and the slots are unchanged."""
         key = (b.layout, self._version)
         if self._packed is None or self._packed[0] != key:
-            A_u = torch.cat([self.A[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)]).to(self.compute_dtype)
-            B_u = torch.cat([self.Bs[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)]).to(self.compute_dtype)
-            self._packed = (key, A_u, B_u)
+            A_u, B_u = self.gather(b)
+            self._packed = (key, A_u.to(self.compute_dtype), B_u.to(self.compute_dtype))
         return self._packed[1], self._packed[2]
+
+    def active(self) -> bool:
+        """Some slot of the current batch holds an update for this layer."""
+        return any(self.present[s] for s in self.batch.uniq_list)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (N, T, out)
         b = self.batch
-        if not b.uniq_list or not any(self.present[s] for s in b.uniq_list):
+        if not self.active():
             return y
+        if self.packed_term is not None:
+            return self.packed_term(x, y)
         A_u, B_u = self._gathered(b)  # (U·R, in), (U·R, out)
         if b.segments is not None:
             return self._segmented(x, y, A_u, B_u, b)
@@ -190,7 +216,7 @@ class SlotLoRALinear(nn.Module):
 
 
 def lora_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the LoRA term is computed in: float32 on CPU, where the tiny rank-r products cost about a third
+    """The dtype the unpacked LoRA term is computed in (packed_lora.py packs it in bf16): float32 on CPU, where the tiny rank-r products cost about a third
     of their bf16 time (measured: 8 vs 25 us for 4 x 576 @ 576 x 16); the model's elsewhere. Slots stay in the
     model's dtype (their memory: 8 slots of rank 64 over SmolLM2's 210 linears are 312 MB in bf16)."""
     return torch.float32 if device.type == "cpu" else model_dtype

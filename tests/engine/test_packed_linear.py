@@ -12,6 +12,7 @@ from adapters_store.kinds import load_adapter_dir
 from server.engine.lora_layers import build_lora_batch, wrap_lora_layers
 from server.engine.model_runner import ModelRunner
 from server.engine.packed_linear import PackedLinear, pack_linear, pack_model_linears, packable
+from server.engine.packed_lora import pack_for_cpu
 from server.settings import DEFAULT_TARGET_MODULES
 
 from .peft_helpers import make_peft_adapter
@@ -56,7 +57,8 @@ def test_tied_weight_is_kept_untied_weight_is_dropped() -> None:
 
 @needs_packing
 def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path: Path) -> None:
-    """The whole runner in bf16: every row of a mixed batch (base + two adapters) packed vs plain layers."""
+    """The whole runner in bf16: every row of a mixed batch (base + two adapters) packed (fused q/k/v, packed LoRA
+    terms) vs plain layers."""
     from transformers import AutoModelForCausalLM
 
     adapters = [make_peft_adapter(tiny_llama_dir, tmp_path / "a", r=4, seed=1),
@@ -68,8 +70,10 @@ def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path:
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
         batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, num_slots=2, max_rank=8)
         if pack:
-            assert pack_model_linears(model) == len(layers) + 1  # every wrapped base linear and lm_head
+            n_layers = model.config.num_hidden_layers
+            assert pack_for_cpu(model, layers) == (len(layers) + 1, n_layers)  # + lm_head; q/k/v fused per layer
             assert all(isinstance(layer.base, PackedLinear) for layer in layers.values())
+            assert all(layer.packed_term is not None for layer in layers.values())
         ranks = {}
         for slot, d in enumerate(adapters):
             w = load_adapter_dir(d)

@@ -1,0 +1,124 @@
+"""The LoRA term on oneDNN-packed bf16 weights, and q/k/v as one product, for CPU inference.
+
+With the base linears packed (packed_linear.py), a mixed decode step spends most of its extra time in the
+LoRA term's small ops: cast, shrink, mask, expand, cast and add, for every wrapped layer. oneDNN's linear
+takes one elementwise post-op, so the term becomes two ops on packed copies of the batch's gathered slots:
+
+    h = (x @ A_uᵀ) ⊙ mask      # post-op "mul": (M, Σ rank)
+    y = h @ B_u + y             # post-op "add": (M, out)
+
+Layers that read the same input (q, k and v) share them: their gathered A are stacked into one shrink, their
+B form one block-diagonal expand, and their base weights one packed matrix, so the three projections with
+their adapters cost three ops instead of twenty-one. ``FusedQKV`` does that; the runner calls it when an
+attention module carries one.
+
+The packed copies are rebuilt when the batch's slot layout or a slot changes (layers version their slots);
+between those, every step reuses them. bf16 on CPU only; everything else keeps the plain path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lora_layers import LoraBatch, SlotLoRALinear
+from .packed_linear import PackedLinear, pack_model_linears, pack_weight, packable
+
+
+def _linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
+
+
+def _linear_then(x2: torch.Tensor, other: torch.Tensor, packed: torch.Tensor, op: str) -> torch.Tensor:
+    """``(x2 @ Wᵀ) op other`` in one oneDNN call; ``op`` is "mul" or "add", ``other`` has the output's shape."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x2, other, packed, None, op)
+
+
+class PackedLoraTerm:
+    """The LoRA term of ``layers`` (all reading one input) as one packed shrink and one packed expand.
+
+    ``__call__(x, y)`` adds every layer's term to ``y``, whose last dimension is the layers' outputs side by
+    side, and returns the sum (a new tensor)."""
+
+    def __init__(self, layers: list[SlotLoRALinear]) -> None:
+        assert layers and len({layer.in_features for layer in layers}) == 1
+        self.layers = layers
+        self.batch: LoraBatch = layers[0].batch
+        self.outs = [layer.out_features for layer in layers]
+        self._key: tuple | None = None
+        self._A = self._B = torch.empty(0)
+
+    def _packed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        b = self.batch
+        key = (b.layout, tuple(layer._version for layer in self.layers))
+        if key != self._key:
+            pairs = [layer.gather(b) for layer in self.layers]  # [(S, in), (S, out_j)]
+            S = pairs[0][0].shape[0]
+            A = torch.cat([a for a, _ in pairs])  # (n·S, in)
+            B = A.new_zeros(sum(self.outs), len(pairs) * S)  # block diagonal, as a linear weight (out, n·S)
+            row = 0
+            for j, ((_, bs), out) in enumerate(zip(pairs, self.outs)):
+                B[row: row + out, j * S: (j + 1) * S] = bs.T
+                row += out
+            self._A, self._B, self._key = pack_weight(A), pack_weight(B), key
+        return self._A, self._B
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        *lead, d = x.shape
+        T = x.shape[1] if x.dim() == 3 else 1
+        A, B = self._packed()
+        mask = self.batch.flat_mask(T, len(self.layers), x.dtype)  # (M, n·S)
+        x2, y2 = x.reshape(-1, d), y.reshape(-1, y.shape[-1])
+        assert mask.shape[0] == x2.shape[0], f"mask rows {mask.shape[0]} vs tokens {x2.shape[0]}"
+        h = _linear_then(x2, mask, A, "mul")  # (M, n·S)
+        return _linear_then(h, y2, B, "add").view(*lead, y.shape[-1])
+
+
+class FusedQKV(nn.Module):
+    """q, k and v of one attention module as one packed product plus one packed LoRA term.
+
+    Built from the three projections (each an ``nn.Linear`` or a ``SlotLoRALinear`` around one) before they
+    are packed; they stay in place, so code that calls them one by one still works."""
+
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module) -> None:
+        super().__init__()
+        parts = [q, k, v]
+        bases = [p.base if isinstance(p, SlotLoRALinear) else p for p in parts]
+        self.sizes = [b.out_features for b in bases]
+        self.register_buffer("packed", pack_weight(torch.cat([b.weight for b in bases])), persistent=False)
+        biases = [b.bias for b in bases]
+        self.bias = (None if all(x is None for x in biases) else torch.cat(
+            [x if x is not None else bases[0].weight.new_zeros(n) for x, n in zip(biases, self.sizes)]))
+        self.lora = [p for p in parts if isinstance(p, SlotLoRALinear)]
+        self.term = PackedLoraTerm(self.lora) if len(self.lora) == 3 else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        *lead, d = x.shape  # (N, T, in)
+        y = _linear(x.reshape(-1, d), self.packed, self.bias)  # (M, q + k + v)
+        if self.term is not None and any(layer.active() for layer in self.lora):
+            y = self.term(x, y)
+        return tuple(y.view(*lead, -1).split(self.sizes, dim=-1))
+
+
+def _fusable(attn: nn.Module) -> bool:
+    parts = [getattr(attn, name, None) for name in ("q_proj", "k_proj", "v_proj")]
+    bases = [p.base if isinstance(p, SlotLoRALinear) else p for p in parts]
+    kinds = {type(p) for p in parts}
+    return (all(b is not None and packable(b) for b in bases) and len(kinds) == 1
+            and len({b.in_features for b in bases}) == 1)
+
+
+def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear]) -> tuple[int, int]:
+    """Fuse each attention's q/k/v (while their plain weights exist), pack every packable base linear, and
+    give the wrapped layers whose base got packed the packed LoRA term. Returns (packed linears, fused
+    attentions); (0, 0) leaves the model as it was (float32, CUDA, or no oneDNN bf16)."""
+    fused = 0
+    for module in list(model.modules()):
+        if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj")) and _fusable(module):
+            module.fused_qkv = FusedQKV(module.q_proj, module.k_proj, module.v_proj)
+            fused += 1
+    packed = pack_model_linears(model)
+    for layer in layers.values():
+        if isinstance(layer.base, PackedLinear):
+            layer.packed_term = PackedLoraTerm([layer])
+    return packed, fused

@@ -1,0 +1,85 @@
+"""Packed LoRA terms and fused q/k/v give the plain layers' products, and follow slot and layout changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from server.engine.lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
+from server.engine.packed_linear import packable
+from server.engine.packed_lora import FusedQKV, PackedLoraTerm
+
+pytestmark = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
+                                reason="this torch/CPU has no oneDNN bf16 packing")
+
+IN, OUTS, RANKS = 48, (48, 16, 16), {0: 4, 1: 8}
+
+
+def _projections(batch: LoraBatch, seed: int = 0) -> list[SlotLoRALinear]:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for j, out in enumerate(OUTS):
+        lin = nn.Linear(IN, out, bias=j != 1).to(torch.bfloat16)  # k without bias, like a mixed checkpoint
+        lin.weight.data = (torch.randn(out, IN, generator=g) * 0.1).to(torch.bfloat16)
+        if lin.bias is not None:
+            lin.bias.data = torch.randn(out, generator=g).to(torch.bfloat16)
+        layer = SlotLoRALinear(lin, num_slots=2, max_rank=8, batch=batch, dtype=torch.float32)
+        if j != 2:  # v carries no update: its slots stay empty
+            for slot, r in RANKS.items():
+                _write(layer, slot, r, g)
+        layers.append(layer)
+    return layers
+
+
+def _write(layer: SlotLoRALinear, slot: int, r: int, g: torch.Generator) -> None:
+    layer.set_slot(slot, torch.randn(r, IN, generator=g) * 0.3, torch.randn(layer.out_features, r, generator=g) * 0.3, 2.0)
+
+
+def _plain(layers: list[SlotLoRALinear], x: torch.Tensor) -> list[torch.Tensor]:
+    return [layer(x).float() for layer in layers]  # packed_term unset: the float32 masked path
+
+
+def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
+    for g_, w in zip(got, want):
+        assert g_.shape == w.shape
+        err = (g_.float() - w).abs().max().item()
+        assert err <= 0.02 * w.abs().max().item(), err
+
+
+@pytest.mark.parametrize("T", [1, 5])
+def test_fused_qkv_matches_the_three_plain_layers(T: int) -> None:
+    batch = LoraBatch()
+    layers = _projections(batch)
+    fused = FusedQKV(*layers)
+    x = torch.randn(4, T, IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    gate = torch.tensor([0.25, 0.25, 1.0, 1.0])  # a gated row: per-rank weights of slot 0
+    build_lora_batch(batch, [0, -1, 1, 0], [None, None, None, gate], RANKS, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        _assert_close(list(fused(x)), _plain(layers, x))
+        base_only = [nn.functional.linear(x, la.base.weight, la.base.bias).float() for la in layers]
+        got = fused(x)
+        assert torch.allclose(got[1][1].float(), base_only[1][1], atol=0.05)  # the base row gets no update
+        assert not torch.allclose(got[0][0].float(), base_only[0][0], atol=0.05)  # an adapter row does
+
+
+def test_packed_term_follows_rewritten_slots_and_new_layouts() -> None:
+    batch = LoraBatch()
+    layers = _projections(batch)
+    fused = FusedQKV(*layers)
+    term_q = PackedLoraTerm([layers[0]])  # the single-layer form o_proj and the MLP use
+    x = torch.randn(3, 1, IN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    seen = []
+    with torch.inference_mode():
+        for rows in ([0, 1, -1], [1, 1, 1], [0, 1, -1]):
+            build_lora_batch(batch, rows, [None] * 3, RANKS, torch.device("cpu"), torch.float32)
+            for _rewrite in range(2):  # same layout, new slot contents: the packed copies must be rebuilt
+                want = _plain(layers, x)
+                _assert_close(list(fused(x)), want)
+                _assert_close([term_q(x, layers[0].base(x))], want[:1])
+                seen.append(want[0])
+                for layer in layers[:2]:
+                    for slot, r in RANKS.items():
+                        _write(layer, slot, r, g)
+    assert not torch.allclose(seen[0], seen[1])  # the rewrite changed the answer, and the packed path followed
