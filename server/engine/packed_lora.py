@@ -13,7 +13,9 @@ their adapters cost three ops instead of twenty-one. ``FusedQKV`` does that; the
 attention module carries one.
 
 The packed copies are rebuilt when the batch's slot layout or a slot changes (layers version their slots);
-between those, every step reuses them. bf16 on CPU only; everything else keeps the plain path.
+between those, every step reuses them. A long prefill takes this path too, ignoring the per-adapter segments
+the float32 path uses: measured on SmolLM2 with 8 adapters, 16 prompts of 64 tokens prefill in 800 ms packed
+against 930 ms segmented (base only: 660 ms). bf16 on CPU only; everything else keeps the plain path.
 """
 
 from __future__ import annotations

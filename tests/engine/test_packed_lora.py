@@ -47,20 +47,23 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
         assert err <= 0.02 * w.abs().max().item(), err
 
 
-@pytest.mark.parametrize("T", [1, 5])
-def test_fused_qkv_matches_the_three_plain_layers(T: int) -> None:
+@pytest.mark.parametrize(("T", "segmented"), [(1, False), (5, False), (5, True)])
+def test_fused_qkv_matches_the_three_plain_layers(T: int, segmented: bool) -> None:
     batch = LoraBatch()
     layers = _projections(batch)
     fused = FusedQKV(*layers)
     x = torch.randn(4, T, IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     gate = torch.tensor([0.25, 0.25, 1.0, 1.0])  # a gated row: per-rank weights of slot 0
-    build_lora_batch(batch, [0, -1, 1, 0], [None, None, None, gate], RANKS, torch.device("cpu"), torch.float32)
+    build_lora_batch(batch, [0, 0, -1, 1], [None, gate, None, None], RANKS, torch.device("cpu"), torch.float32,
+                     segmented=segmented)
+    assert (batch.segments is not None) == segmented
     with torch.inference_mode():
         _assert_close(list(fused(x)), _plain(layers, x))
         base_only = [nn.functional.linear(x, la.base.weight, la.base.bias).float() for la in layers]
         got = fused(x)
-        assert torch.allclose(got[1][1].float(), base_only[1][1], atol=0.05)  # the base row gets no update
+        assert torch.allclose(got[1][2].float(), base_only[1][2], atol=0.05)  # the base row gets no update
         assert not torch.allclose(got[0][0].float(), base_only[0][0], atol=0.05)  # an adapter row does
+        assert torch.allclose(got[2][0].float(), base_only[2][0], atol=0.05)  # v carries no update
 
 
 def test_packed_term_follows_rewritten_slots_and_new_layouts() -> None:
