@@ -49,8 +49,8 @@ def all_tasks(data: Path) -> list[str]:
 def base_hidden_embed(layer: int | None, max_tokens: int, dtype: str) -> Callable[[list[str]], np.ndarray]:
     """The resident model as the server holds it: same dtype choice, base linears packed the same way."""
     from base_model.loader import load_base_model
+    from base_model.packed_linear import pack_model_linears
     from router.base_hidden import hidden_state_embedder
-    from server.engine.packed_linear import pack_model_linears
 
     loaded = load_base_model(None, Path(os.environ.get("CLORA_MODEL_CACHE_DIR", DEFAULT_CACHE_DIR)), "cpu", dtype)
     pack_model_linears(loaded.model)
@@ -64,7 +64,8 @@ def router_deps(kind: str, args: argparse.Namespace, cache: dict[str, Any]) -> d
         if "embedding" not in cache:
             from router.embedding import minilm_embedder
 
-            cache["embedding"] = minilm_embedder(dtype=args.dtype)
+            kw = {"max_tokens": args.embed_max_tokens} if args.embed_max_tokens else {}
+            cache["embedding"] = minilm_embedder(dtype=args.dtype, **kw)
         return {"embed": cache["embedding"]}
     if kind in ("base-hidden", "cascade"):
         key = f"base-hidden:{args.layer}:{args.max_tokens}"
@@ -128,6 +129,8 @@ def main() -> None:
     ap.add_argument("--layer", type=int, default=None, help="base-hidden: decoder layers run (default: router's)")
     ap.add_argument("--max-tokens", type=int, default=None, help="base-hidden: tokens pooled (default: router's)")
     ap.add_argument("--latency-n", type=int, default=200)
+    ap.add_argument("--embed-max-tokens", type=int, default=None, help="embedding: word pieces encoded (default: "
+                    "the encoder's)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="auto", help="encoders' dtype, as CLORA_DTYPE (auto: bf16 on CPUs with "
                     "fast bf16, as the server picks)")

@@ -1,5 +1,5 @@
 """Router kinds by name. A new kind is one module plus one line in ``_KINDS`` (imported lazily, so choosing
-``tfidf`` never loads torch or sentence-transformers)."""
+``tfidf`` never loads torch or an encoder)."""
 
 from __future__ import annotations
 

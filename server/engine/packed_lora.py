@@ -1,6 +1,6 @@
 """The LoRA term on oneDNN-packed bf16 weights, and q/k/v as one product, for CPU inference.
 
-With the base linears packed (packed_linear.py), a mixed decode step spends most of its extra time in the
+With the base linears packed (base_model/packed_linear.py), a mixed decode step spends most of its extra time in the
 LoRA term's small ops: cast, shrink, mask, expand, cast and add, for every wrapped layer. oneDNN's linear
 takes one elementwise post-op, so the term becomes two ops on packed copies of the batch's gathered slots:
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .lora_layers import LoraBatch, SlotLoRALinear
-from .packed_linear import PackedLinear, pack_model_linears, pack_weight, packable
+from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable
 
 
 def _linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

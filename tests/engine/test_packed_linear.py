@@ -11,7 +11,7 @@ from torch import nn
 from adapters_store.kinds import load_adapter_dir
 from server.engine.lora_layers import build_lora_batch, wrap_lora_layers
 from server.engine.model_runner import ModelRunner
-from server.engine.packed_linear import PackedLinear, pack_linear, pack_model_linears, packable
+from base_model.packed_linear import PackedLinear, pack_linear, pack_model_linears, packable
 from server.engine.packed_lora import pack_for_cpu
 from server.settings import DEFAULT_TARGET_MODULES
 

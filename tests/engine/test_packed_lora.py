@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from server.engine.lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
-from server.engine.packed_linear import packable
+from base_model.packed_linear import packable
 from server.engine.packed_lora import FusedQKV, PackedLoraTerm
 
 pytestmark = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
