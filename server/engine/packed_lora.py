@@ -24,8 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .lora_layers import LoraBatch, SlotLoRALinear
 from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable
+
+from .lora_layers import LoraBatch, SlotLoRALinear
 
 # Forwards on one slot layout before its gathered copies are packed. oneDNN takes plain weights too: packing a
 # term's two copies costs about 350 us, and saves 5 to 25 us per forward (16 rows: 78 against 99 us for q/k/v),
@@ -87,7 +88,7 @@ class PackedLoraTerm:
 
 
 class FusedQKV(nn.Module):
-    """q, k and v of one attention module as one packed product plus one packed LoRA term.
+    """q, k and v of one attention module as one packed product plus one LoRA term (``PackedLoraTerm``).
 
     Built from the three projections (each an ``nn.Linear`` or a ``SlotLoRALinear`` around one) before they
     are packed; they stay in place, so code that calls them one by one still works."""
