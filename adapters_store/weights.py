@@ -75,8 +75,8 @@ class AdapterWeights:
 
 def _slot_forms(modules: dict[str, LoraPair], dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """``LoraPair.slot_form`` for every module, a few ops per group of same-shaped modules instead of five per
-    module (SmolLM2, r 16 on q/k/v/o: 120 modules in 3 groups, 3.0-3.8 ms down to 1.1-1.3). The results are rows of one
-    stacked tensor per group: contiguous views, equal to ``slot_form``'s."""
+    module (SmolLM2, r 16 on q/k/v/o: 120 modules in 3 groups, 3.0-3.8 ms down to 1.1-1.3). The results are
+    rows of one stacked tensor per group: contiguous views, equal to ``slot_form``'s."""
     groups: dict[tuple, list[str]] = {}
     for path, pair in modules.items():
         key = (tuple(pair.A.shape), tuple(pair.B.shape), pair.A.dtype, pair.B.dtype, pair.A.device)

@@ -216,9 +216,10 @@ class SlotLoRALinear(nn.Module):
 
 
 def lora_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype the unpacked LoRA term is computed in (packed_lora.py packs it in bf16): float32 on CPU, where the tiny rank-r products cost about a third
-    of their bf16 time (measured: 8 vs 25 us for 4 x 576 @ 576 x 16); the model's elsewhere. Slots stay in the
-    model's dtype (their memory: 8 slots of rank 64 over SmolLM2's 210 linears are 312 MB in bf16)."""
+    """The dtype the unpacked LoRA term is computed in (packed_lora.py runs it in bf16 on oneDNN): float32 on
+    CPU, where the tiny rank-r products cost about a third of their plain bf16 time (measured: 8 vs 25 us for
+    4 x 576 @ 576 x 16); the model's elsewhere. Slots stay in the model's dtype (their memory: 8 slots of rank
+    64 over SmolLM2's 210 linears are 312 MB in bf16)."""
     return torch.float32 if device.type == "cpu" else model_dtype
 
 

@@ -33,7 +33,8 @@ def _projections(batch: LoraBatch, seed: int = 0) -> list[SlotLoRALinear]:
 
 
 def _write(layer: SlotLoRALinear, slot: int, r: int, g: torch.Generator) -> None:
-    layer.set_slot(slot, torch.randn(r, IN, generator=g) * 0.3, torch.randn(layer.out_features, r, generator=g) * 0.3, 2.0)
+    A, B = torch.randn(r, IN, generator=g) * 0.3, torch.randn(layer.out_features, r, generator=g) * 0.3
+    layer.set_slot(slot, A, B, 2.0)
 
 
 def _plain(layers: list[SlotLoRALinear], x: torch.Tensor) -> list[torch.Tensor]:
