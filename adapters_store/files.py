@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -117,24 +118,58 @@ class _TreeHash:
 
 def copy_file(src: Path, dst: Path, tree: _TreeHash, rel: str) -> None:
     """Copy one file's bytes (no metadata, never following into anything but a regular file), hashing them on
-    the way, and sync the copy."""
+    the way. Not synced: see ``TreeSync``."""
     with open(src, "rb") as fi, open(dst, "xb") as fo:
         tree.stream(rel, fi, fo)
-        fo.flush()
-        os.fsync(fo.fileno())
 
 
 def copy_plan(src: Path, dst: Path, plan: FilePlan) -> TreeDigest:
-    """Copy the planned files, synced, with their digests taken from the bytes copied (no second read)."""
+    """Copy the planned files with their digests taken from the bytes copied (no second read). The copy is not
+    yet durable: sync it with ``TreeSync(dst)`` before it is committed."""
     rels = sorted(plan.kept)
     tree = _TreeHash(rels)
     for rel in rels:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         copy_file(src / rel, target, tree, rel)
-    for dirpath, _, _ in os.walk(dst):
-        fsync_dir(Path(dirpath))
     return tree.result()
+
+
+class TreeSync:
+    """fsync every file and directory under ``root`` in a thread of its own, so the kernel writes a fresh copy
+    back while the caller decodes and validates it (fsync releases the GIL; no torch runs here).
+
+    ``wait()`` returns once everything is durable, or raises the first error; leaving the ``with`` block joins
+    the thread, so a failed validation never removes files the thread still syncs."""
+
+    def __init__(self, root: Path) -> None:
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, args=(root,), name="clora-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self, root: Path) -> None:
+        try:
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    fd = os.open(Path(dirpath) / f, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                fsync_dir(Path(dirpath))
+        except OSError as e:
+            self._error = e
+
+    def wait(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> "TreeSync":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join()
 
 
 def digest_tree(root: Path, sync: bool = False, only: list[str] | None = None) -> TreeDigest:

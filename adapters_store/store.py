@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .archive import safe_extract
 from .errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNotFound
-from .files import TreeDigest, copy_plan, digest_tree, fsync_dir, plan_dir, write_synced
+from .files import TreeDigest, TreeSync, copy_plan, digest_tree, fsync_dir, plan_dir, write_synced
 from .kinds import KIND_FILE, load_adapter_dir
 from .locks import NameLocks, owned_tempdir, remove_abandoned
 from .spec import BaseModelSpec, Manifest, utc_now
@@ -234,18 +234,24 @@ class AdapterStore:
         with owned_tempdir(self._dir / ".tmp") as tmp:
             (tmp / "v").mkdir()
             digest = copy_plan(src, tmp / "v" / "adapter", plan)
-            return self._validate_and_commit(name, tmp, problems, description, examples, origin, loaded, digest)
+            with TreeSync(tmp / "v" / "adapter") as syncing:  # written back while the copy is validated
+                return self._validate_and_commit(name, tmp, problems, description, examples, origin, loaded,
+                                                 digest, syncing)
 
     def _validate_and_commit(self, name: str, tmp: Path, problems: list[Problem], description: str | None,
                              examples: Sequence[str] | None, origin: str, loaded: Loaded | None = None,
-                             digest: TreeDigest | None = None) -> tuple[Manifest, bool]:
-        """``digest``: of the files under ``tmp``, already synced (a copy hashes as it writes); else computed here."""
+                             digest: TreeDigest | None = None, syncing: TreeSync | None = None
+                             ) -> tuple[Manifest, bool]:
+        """``digest``: of the files under ``tmp`` (a copy hashes as it writes), with ``syncing`` making them durable
+        meanwhile; else both are done here."""
         adapter_dir = tmp / "v" / "adapter"
         try:
             weights = load_adapter_dir(adapter_dir)
         except AdapterError as e:
             raise_problems(problems + Problem.from_error(e), f"adapter {name!r}")
         raise_problems(problems + adapter_problems(weights, self.base), f"adapter {name!r}")
+        if syncing is not None:
+            syncing.wait()
         digest = digest or digest_tree(adapter_dir, sync=True)
         alpha = weights.meta.get("lora_alpha")
         with self._locks.hold(name):

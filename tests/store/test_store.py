@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -119,6 +120,27 @@ def test_crash_mid_write_keeps_previous_version(store: AdapterStore, make_adapte
     monkeypatch.undo()
     assert [m.key for m in store.list()] == ["safe@1"]
     assert store.versions("safe") == [1]
+    store.load("safe")
+    assert list((store.root / ".store" / ".tmp").iterdir()) == []
+
+
+def test_failed_sync_of_the_copy_commits_nothing(store: AdapterStore, make_adapter, monkeypatch) -> None:
+    """The copy is synced in a thread while it is validated; a sync error fails the registration, which leaves
+    the previous version serving and no temp dir behind."""
+    store.register_dir("safe", make_adapter(seed=0))
+    real_fsync, synced = os.fsync, []
+
+    def failing_fsync(fd: int) -> None:
+        if threading.current_thread().name == "clora-fsync":
+            synced.append(fd)
+            raise OSError("I/O error on writeback")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="writeback"):
+        store.register_dir("safe", make_adapter(seed=1))
+    monkeypatch.undo()
+    assert synced and store.versions("safe") == [1]
     store.load("safe")
     assert list((store.root / ".store" / ".tmp").iterdir()) == []
 
