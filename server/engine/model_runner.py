@@ -84,9 +84,10 @@ class ModelRunner:
             V[dst].copy_(V[src])
 
     def shrink(self) -> None:
-        """Drop the cache back to its initial size when no row is live (frees memory after long prompts, and
-        keeps decode attention on the short contiguous views it is fastest on)."""
-        if self.alloc_len > self.initial_len:
+        """Drop the cache back to its initial size when no row is live and it grew past 256 (frees memory after
+        long prompts, and brings decode attention back to the short contiguous views it is fastest on; below
+        that, the next requests reuse it instead of growing it again)."""
+        if self.alloc_len > max(self.initial_len, 256):
             self.alloc_len = 0
             self._grow(self.initial_len)
 
