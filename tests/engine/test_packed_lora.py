@@ -88,3 +88,18 @@ def test_packed_term_follows_rewritten_slots_and_new_layouts() -> None:
                     for slot, r in RANKS.items():
                         _write(layer, slot, r, g)
     assert not torch.allclose(seen[0], seen[1])  # the rewrite changed the answer, and the packed path followed
+
+
+def test_a_prefill_between_decode_steps_keeps_the_decode_layouts_copies() -> None:
+    batch = LoraBatch()
+    term = PackedLoraTerm(_projections(batch)[:1])
+
+    def weights_for(rows: list[int]) -> tuple:
+        build_lora_batch(batch, rows, [None] * len(rows), RANKS, torch.device("cpu"), torch.float32)
+        return term._weights()
+
+    decode = weights_for([0, 1, -1])
+    prefill = weights_for([1])  # new rows' own layout, between two decode steps
+    again = weights_for([0, 1, -1])
+    assert again[0] is decode[0] and again[1] is decode[1]  # reused, not gathered again
+    assert prefill[0].shape[0] == RANKS[1] and decode[0].shape[0] == RANKS[0] + RANKS[1]
