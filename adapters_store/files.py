@@ -180,11 +180,8 @@ def digest_tree(root: Path, sync: bool = False, only: list[str] | None = None) -
     for rel in rels:
         with open(root / rel, "rb") as fh:
             tree.stream(rel, fh)
-            if sync:
-                os.fsync(fh.fileno())
     if sync:
-        for dirpath, _, _ in os.walk(root):
-            fsync_dir(Path(dirpath))
+        TreeSync(root).wait()
     return tree.result()
 
 

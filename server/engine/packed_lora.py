@@ -26,7 +26,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable
+from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable, packed_linear
 
 from .lora_layers import LoraBatch, SlotLoRALinear
 
@@ -37,10 +37,6 @@ PACK_AFTER = 8
 # Layouts whose copies are kept: the running decode batch's, and the few that prefills of new rows bring in
 # between its steps (with one, every prefill would throw the decode layout's packed copies away).
 KEPT_LAYOUTS = 3
-
-
-def _linear(x2: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")
 
 
 def _linear_then(x2: torch.Tensor, other: torch.Tensor, packed: torch.Tensor, op: str) -> torch.Tensor:
@@ -117,7 +113,7 @@ class FusedQKV(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         *lead, d = x.shape  # (N, T, in)
-        y = _linear(x.reshape(-1, d), self.packed, self.bias)  # (M, q + k + v)
+        y = packed_linear(x.reshape(-1, d), self.packed, sum(self.sizes), self.bias)  # (M, q + k + v)
         if self.term is not None and any(layer.active() for layer in self.lora):
             y = self.term(x, y)
         return tuple(y.view(*lead, -1).split(self.sizes, dim=-1))
