@@ -1,4 +1,7 @@
-"""``clora train``: the continual-training subcommand (added to the ``clora`` console script by server/cli.py)."""
+"""``clora train`` and ``clora evaluate``: the continual-training subcommands.
+
+Both are added to the ``clora`` console script by server/cli.py.
+"""
 
 from __future__ import annotations
 
@@ -84,12 +87,7 @@ def _train(args: argparse.Namespace) -> int:
             joint_only=args.joint_only, name=args.name,
         )
         tasks = resolve_tasks(args.data, args.order, args.tasks)
-        cache_dir = args.cache_dir
-        if cache_dir is None:
-            from server.settings import Settings
-
-            cache_dir = Settings().model_cache_dir
-        spec = RunSpec(data_dir=args.data, tasks=tasks, out_dir=args.out, cache_dir=cache_dir,
+        spec = RunSpec(data_dir=args.data, tasks=tasks, out_dir=args.out, cache_dir=_cache_dir(args.cache_dir),
                        base_model=args.base_model, device=args.device, dtype=args.dtype,
                        num_threads=args.num_threads, register_url=args.register, admin_token=args.admin_token,
                        progress=not args.no_progress, resume=not args.no_resume)
@@ -99,3 +97,45 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     print(f"{m['method']}: AP={m['AP']:.4f} FT={m['FT']:.4f} BWT={m['BWT']:.4f} ({m['seconds']:.0f} s) -> {args.out}")
     return 0
+
+
+def add_evaluate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add ``evaluate``: a finished run's final checkpoint evaluated again (e.g. in float32)."""
+    p = subparsers.add_parser("evaluate", help="evaluate a finished `clora train` run again (e.g. in float32)")
+    p.add_argument("--run", required=True, type=Path, help="the --out dir of a finished `clora train` run")
+    p.add_argument("--data", required=True, type=Path, help="the benchmark dir the run was trained on")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default: <run>/evaluations/<dtype>)")
+    p.add_argument("--base-model", default=None, help="the run's base model (default: the embedded SmolLM2)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="model cache dir (default: the server's setting)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--num-threads", type=int, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_evaluate)
+    return p
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .reevaluate import EvalSpec, reevaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = args.out or args.run / "evaluations" / args.dtype
+    try:
+        spec = EvalSpec(run_dir=args.run, data_dir=args.data, out_dir=out, cache_dir=_cache_dir(args.cache_dir),
+                        base_model=args.base_model, device=args.device, dtype=args.dtype,
+                        num_threads=args.num_threads, progress=not args.no_progress)
+        r = reevaluate(spec)
+    except ContinualError as e:
+        print(f"clora evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(f"{r['method']} ({r['dtype']}): AP={r['AP']:.4f} "
+          + " ".join(f"{n}={a:.2f}" for n, a in zip(r["tasks"], r["accuracy"])) + f" -> {out}")
+    return 0
+
+
+def _cache_dir(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    from server.settings import Settings
+
+    return Settings().model_cache_dir

@@ -8,9 +8,10 @@ greedily for ``max_new_tokens``, cut at the first EOS and then at the first newl
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from .batching import prompt_ids
-from .data import Example
+from .data import Example, TaskData
 from .metrics import exact_match
 
 
@@ -69,3 +70,16 @@ def evaluate_task(model, tokenizer, method, examples: list[Example], max_new_tok
     recs = [{"task": ex.task, "prompt": ex.prompt, "gold": ex.gold, "prediction": p} for ex, p in zip(examples, preds)]
     acc = sum(exact_match(p, ex.gold) for ex, p in zip(examples, preds)) / max(len(examples), 1)
     return acc, recs
+
+
+def evaluate_all(model, tokenizer, method, tasks: list[TaskData], max_new_tokens: int, batch_size: int,
+                 desc: str, progress: bool) -> tuple[list[float], list[dict]]:
+    """Every task's test accuracy (one accuracy-matrix row) and all their prediction records, task by task."""
+    row: list[float] = []
+    records: list[dict] = []
+    for j, task in enumerate(tqdm(tasks, desc=desc, disable=not progress, leave=False)):
+        with method.evaluating(j):
+            acc, recs = evaluate_task(model, tokenizer, method, task.test, max_new_tokens, batch_size)
+        row.append(acc)
+        records += recs
+    return row, records

@@ -24,7 +24,7 @@ from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Example, TaskData, load_task
 from .errors import ContinualError
-from .evaluate import evaluate_task
+from .evaluate import evaluate_all
 from .ewc import EWC
 from .methods import get_method
 from .methods.base import Method
@@ -191,13 +191,8 @@ def run(cfg: TrainConfig, spec: RunSpec) -> dict:
         if t > 0 and method.untrained(t) and method.untrained(t - 1):  # the same untrained start as before
             row, records = list(acc[-1]), records or _read_records(out)
         else:
-            row, records = [], []
-            for j, task in enumerate(tqdm(data, desc=f"evaluate after task {t + 1}", disable=not spec.progress,
-                                          leave=False)):
-                with method.evaluating(j):
-                    a, recs = evaluate_task(model, tok, method, task.test, cfg.max_new_tokens, cfg.eval_batch_size)
-                row.append(a)
-                records += recs
+            row, records = evaluate_all(model, tok, method, data, cfg.max_new_tokens, cfg.eval_batch_size,
+                                        f"evaluate after task {t + 1}", spec.progress)
         acc.append(row)
         seconds += time.time() - t0
         for name, path in method.export(out / "adapters", t):

@@ -1,4 +1,4 @@
-"""The ``clora`` command: ``serve``, ``prepare-model``, ``train`` (continual adapters)."""
+"""The ``clora`` command: ``serve``, ``prepare-model``, ``train`` and ``evaluate`` (continual adapters)."""
 
 from __future__ import annotations
 
@@ -42,11 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare-model", help="convert the embedded GGUF model to safetensors once")
     p.set_defaults(func=_prepare_model)
     try:
-        from continual.cli import add_train_parser
+        from continual.cli import add_evaluate_parser, add_train_parser
     except ImportError:
-        add_train_parser = None
-    if add_train_parser is not None:
-        add_train_parser(sub)  # sets func itself
+        pass
+    else:
+        add_train_parser(sub)  # each sets its func itself
+        add_evaluate_parser(sub)
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

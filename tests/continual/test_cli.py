@@ -106,3 +106,31 @@ def test_multitask_joint_only_trains_just_the_joint_model(tmp_path, tiny_llama_d
     assert any(torch.count_nonzero(last[k]) > 0 for k in b_keys)  # the joint stage trained
     stage0 = json.loads((out / "checkpoints" / "task_00" / "state.json").read_text())
     assert stage0["last_loss"] != stage0["last_loss"]  # NaN: no training step at stage 0
+
+
+@pytest.mark.slow
+def test_evaluate_reruns_the_final_checkpoint(tmp_path, tiny_llama_dir, cl_data_dir):
+    """`clora evaluate` loads the run's last checkpoint anew and reproduces its final evaluation (same dtype);
+    bfloat16 training re-evaluated in float32 writes its own predictions beside the run's, which stay as they were."""
+    out = tmp_path / "gl"
+    assert main(_args(cl_data_dir, tiny_llama_dir, out, "gainlora", "--lr", "5e-2")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    run_preds = (out / "predictions.jsonl").read_text()
+    again = ["evaluate", "--run", str(out), "--data", str(cl_data_dir), "--base-model", str(tiny_llama_dir),
+             "--device", "cpu", "--cache-dir", str(ROOT / ".model_cache"), "--no-progress", "--num-threads", "1"]
+    assert main(again) == 0
+    ev = json.loads((out / "evaluations" / "float32" / "evaluation.json").read_text())
+    assert ev["dtype"] == "float32" and ev["tasks"] == m["tasks"] and ev["accuracy"] == m["accuracy"][-1]
+    assert (out / "evaluations" / "float32" / "predictions.jsonl").read_text() == run_preds
+    bf = tmp_path / "bf"
+    assert main([*_args(cl_data_dir, tiny_llama_dir, bf, "seq", "--lr", "5e-2"), "--dtype", "bfloat16"]) == 0
+    bf_preds = (bf / "predictions.jsonl").read_text()
+    assert main([*again[:2], str(bf), *again[3:], "--out", str(tmp_path / "bf32")]) == 0
+    assert json.loads((tmp_path / "bf32" / "evaluation.json").read_text())["dtype"] == "float32"
+    assert len((tmp_path / "bf32" / "predictions.jsonl").read_text().splitlines()) == len(bf_preds.splitlines())
+    assert (bf / "predictions.jsonl").read_text() == bf_preds and not (bf / "evaluations").exists()
+
+
+def test_evaluate_names_what_is_missing(tmp_path, tiny_llama_dir, cl_data_dir, capsys):
+    assert main(["evaluate", "--run", str(tmp_path), "--data", str(cl_data_dir), "--no-progress"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
