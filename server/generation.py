@@ -89,12 +89,3 @@ class Generator:
                     return
         finally:
             req.cancel()  # no-op when finished; frees the row when the client went away
-
-    async def complete(self, ids: list[int], decision: Decision, params: SamplingParams) -> Result:
-        parts: list[str] = []
-        async for ev in self.stream(ids, decision, params):
-            if isinstance(ev, Delta):
-                parts.append(ev.text)
-            elif isinstance(ev, Done):
-                return Result("".join(parts), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.timings)
-        raise GenerationFailed("generation ended without a result")

@@ -150,8 +150,10 @@ def test_request_joining_mid_decode_equals_alone(server) -> None:
     late_body = {"model": "gamma", "prompt": "Breaking news from", "max_tokens": 10, "temperature": 0}
     long_alone = complete(server, **long_body)["choices"][0]["text"]
     late_alone = complete(server, **late_body)["choices"][0]["text"]
+    fresh = {"stop": ["<join-test: never generated>"]}  # another cache key: both really run, side by side
     pieces: list[str] = []
-    with httpx.stream("POST", server.url + "/v1/completions", json={**long_body, "stream": True}, timeout=60) as r:
+    with httpx.stream("POST", server.url + "/v1/completions", json={**long_body, **fresh, "stream": True},
+                      timeout=60) as r:
         late = None
         for ln in r.iter_lines():
             if not ln.startswith("data: ") or ln == "data: [DONE]":
@@ -159,8 +161,9 @@ def test_request_joining_mid_decode_equals_alone(server) -> None:
             pieces.append(json.loads(ln[6:])["choices"][0]["text"])
             if len(pieces) == 5:  # the long request is decoding: join it now
                 with cf.ThreadPoolExecutor(1) as ex:
-                    late = ex.submit(complete, server, **late_body).result()
+                    late = ex.submit(complete, server, **late_body, **fresh).result()
                 joined_while = len(pieces)
+    assert late is not None and late["cached"] is False
     assert late is not None and late["choices"][0]["text"] == late_alone
     assert "".join(pieces) == long_alone
     assert joined_while < 120  # it really joined while the other was running
