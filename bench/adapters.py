@@ -93,6 +93,26 @@ def slot_load_p50(srv: ServerProcess) -> float | None:
     return s / c if s and c else None
 
 
+def scrape(srv: ServerProcess, *names: str, where: str = 'tier="slot"') -> dict[str, float]:
+    """Each named sample summed over its series; of labelled series only those matching ``where``."""
+    out = dict.fromkeys(names, 0.0)
+    for line in httpx.get(srv.url + "/metrics").text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in out and ("{" not in line or where in line):
+            out[name] += float(line.split()[-1])
+    return out
+
+
+def occupancy(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """Mean rows per decode step and loads into compute slots between two scrapes."""
+    steps = after["clora_decode_step_rows_count"] - before["clora_decode_step_rows_count"]
+    rows = after["clora_decode_step_rows_sum"] - before["clora_decode_step_rows_sum"]
+    return rows / max(steps, 1), after["clora_adapter_loads_total"] - before["clora_adapter_loads_total"]
+
+
+OCCUPANCY = ("clora_decode_step_rows_sum", "clora_decode_step_rows_count", "clora_adapter_loads_total")
+
+
 def zipf_choices(n: int, k: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, n + 1)
@@ -138,9 +158,12 @@ def main() -> None:
         hot, registered = hot_register(srv, hot_src)
         slot_avg = slot_load_p50(srv)
         http_run(srv.url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)  # warm-up
+        m0 = scrape(srv, *OCCUPANCY)
         s8, t8 = http_run(srv.url, lambda i: names[i % 8], prompts, args.new_tokens, args.concurrency)
+        m1 = scrape(srv, *OCCUPANCY)
         picks = zipf_choices(len(names), len(prompts))
         sz, tz = http_run(srv.url, lambda i: names[picks[i]], prompts, args.new_tokens, args.concurrency)
+        m2 = scrape(srv, *OCCUPANCY)
         distinct = len(set(picks))
         slot_avg_after = slot_load_p50(srv)
     shutil.rmtree(work, ignore_errors=True)  # GBs with --many 1000: left behind, they slow later runs' fsyncs
@@ -150,8 +173,10 @@ def main() -> None:
     if slot_avg is not None:
         print(f"store/CPU tier -> slot load, mean over the hot loads: {slot_avg * 1e3:.1f} ms; over the whole run: "
               f"{(slot_avg_after or 0) * 1e3:.1f} ms   (target <= 30 ms)")
-    print(f"8 adapters, uniform:        {t8 / s8:7.1f} tok/s")
-    print(f"{args.many} adapters, Zipf(1.0): {tz / sz:7.1f} tok/s  ({distinct} distinct adapters in {len(picks)} requests)")
+    (rows8, loads8), (rowsz, loadsz) = occupancy(m0, m1), occupancy(m1, m2)
+    print(f"8 adapters, uniform:        {t8 / s8:7.1f} tok/s  {rows8:5.1f} rows per decode step, {loads8:.0f} slot loads")
+    print(f"{args.many} adapters, Zipf(1.0): {tz / sz:7.1f} tok/s  {rowsz:5.1f} rows per decode step, {loadsz:.0f} slot loads "
+          f"({distinct} distinct adapters in {len(picks)} requests)")
     print(f"ratio Zipf/8-adapter = {(tz / sz) / (t8 / s8):.2f}   (target >= 0.8)")
 
 

@@ -30,6 +30,7 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 2
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 QUEUE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ROWS_BUCKETS = (1, 2, 4, 6, 8, 10, 12, 14, 16, 24, 32, 48, 64, 128)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 
 P = ParamSpec("P")
@@ -83,6 +84,10 @@ class Metrics:
         self._running = Gauge("clora_requests_running", "Requests being decoded now.", registry=reg)
         self._waiting = Gauge("clora_requests_waiting", "Requests waiting in the scheduler queue.", registry=reg)
         self._batch_size = Gauge("clora_batch_size", "Rows in the latest engine step.", registry=reg)
+        self._decode_rows = Histogram(
+            "clora_decode_step_rows", "Rows decoded together per engine step (batch occupancy).",
+            buckets=ROWS_BUCKETS, registry=reg,
+        )
         self._resident = Gauge(
             "clora_adapters_resident", "Adapters resident per tier (cpu, slot).", ("tier",), registry=reg
         )
@@ -169,6 +174,11 @@ class Metrics:
         self._running.set(running)
         self._waiting.set(waiting)
         self._batch_size.set(batch_size)
+
+    @_hook
+    def decode_step(self, rows: int) -> None:
+        """One decode step ran ``rows`` rows in one forward pass."""
+        self._decode_rows.observe(rows)
 
     @_hook
     def adapters_resident(self, tier: str, n: int) -> None:

@@ -61,7 +61,8 @@ def test_real_app_exports_dashboard_metrics_after_traffic(tiny_llama_dir: Path, 
     assert not missing, f"the app does not export: {sorted(missing)}"
     samples = set().union(*fams.values())
     for name in ["clora_requests_total", "clora_request_latency_seconds_bucket", "clora_generated_tokens_total",
-                 "clora_cache_hits_total", "clora_cache_misses_total", "clora_batch_size"]:
+                 "clora_cache_hits_total", "clora_cache_misses_total", "clora_batch_size",
+                 "clora_decode_step_rows_count"]:
         assert name in samples, f"{name} has no series after traffic"
     text = scrape.text
     assert re.search(r'clora_cache_hits_total 1\.0', text)
