@@ -7,6 +7,9 @@ greedily for ``max_new_tokens``, cut at the first EOS and then at the first newl
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from tqdm.auto import tqdm
 
@@ -83,3 +86,10 @@ def evaluate_all(model, tokenizer, method, tasks: list[TaskData], max_new_tokens
         row.append(acc)
         records += recs
     return row, records
+
+
+def write_predictions(path: Path, records: list[dict]) -> None:
+    """``predictions.jsonl``: one ``{task, prompt, gold, prediction}`` per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

@@ -19,26 +19,22 @@ from pathlib import Path
 
 import torch
 
-from base_model.loader import load_base_model
-
 from .checkpoint import latest_checkpoint
 from .config import TrainConfig
-from .data import load_task
 from .errors import ContinualError
-from .evaluate import evaluate_all
+from .evaluate import evaluate_all, write_predictions
 from .methods import get_method
+from .runner import ModelChoice, load_tasks, method_tensors
 
 
-@dataclass
-class EvalSpec:
+@dataclass(kw_only=True)
+class EvalSpec(ModelChoice):
+    """The run to evaluate again, its data, where the outputs go; the base model loaded for it."""
+
     run_dir: Path
     data_dir: Path
     out_dir: Path
-    cache_dir: Path
-    base_model: str | None = None
-    device: str = "auto"
     dtype: str = "float32"
-    num_threads: int | None = None
     progress: bool = True
 
 
@@ -54,19 +50,16 @@ def reevaluate(spec: EvalSpec) -> dict:
         raise ContinualError(f"{spec.run_dir} stopped after task {t_done + 1} of {len(tasks)}: "
                              "finish it with the same `clora train` command first")
     t0 = time.time()
-    loaded = load_base_model(spec.base_model, spec.cache_dir, spec.device, spec.dtype, spec.num_threads)
+    loaded = spec.load()
     torch.manual_seed(cfg.seed)
-    data = [load_task(spec.data_dir, name, cfg.max_train, cfg.max_test, cfg.seed, cfg.max_input_chars,
-                      cfg.prompt_style) for name in tasks]
+    data = load_tasks(spec.data_dir, tasks, cfg)
     method = get_method(cfg.method)(loaded.model, cfg, data, loaded.name)
-    method.load_state({k: v for k, v in tensors.items() if not k.startswith("ewc.")}, meta["method"])
+    method.load_state(method_tensors(tensors), meta["method"])
     row, records = evaluate_all(loaded.model, loaded.tokenizer, method, data, cfg.max_new_tokens,
                                 cfg.eval_batch_size, "evaluate", spec.progress)
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_predictions(out / "predictions.jsonl", records)
     result = {"run": str(Path(spec.run_dir).resolve()), "method": cfg.method, "tasks": tasks,
               "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
               "device": str(loaded.device), "accuracy": row, "AP": sum(row) / len(row),

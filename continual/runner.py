@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from base_model.loader import load_base_model
+from base_model.loader import LoadedModel, load_base_model
 
 from .batching import answer_loss, make_batch
 from .checkpoint import latest_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Example, TaskData, load_task
 from .errors import ContinualError
-from .evaluate import evaluate_all
+from .evaluate import evaluate_all, write_predictions
 from .ewc import EWC
 from .methods import get_method
 from .methods.base import Method
@@ -35,22 +35,42 @@ from .register import register_adapter
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunSpec:
-    """Where the data, model and outputs are; what to register where."""
+@dataclass(kw_only=True)
+class ModelChoice:
+    """Which base model to load, where, and how (shared by training and re-evaluation)."""
 
-    data_dir: Path
-    tasks: list[str]
-    out_dir: Path
     cache_dir: Path
     base_model: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     num_threads: int | None = None
+
+    def load(self) -> LoadedModel:
+        return load_base_model(self.base_model, self.cache_dir, self.device, self.dtype, self.num_threads)
+
+
+@dataclass(kw_only=True)
+class RunSpec(ModelChoice):
+    """Where the data, model and outputs are; what to register where."""
+
+    data_dir: Path
+    tasks: list[str]
+    out_dir: Path
     register_url: str | None = None
     admin_token: str | None = None
     progress: bool = True
     resume: bool = True
+
+
+def load_tasks(data_dir: Path, names: list[str], cfg: TrainConfig) -> list[TaskData]:
+    """The tasks' train/test subsets exactly as ``cfg`` selects and prompts them."""
+    return [load_task(data_dir, name, cfg.max_train, cfg.max_test, cfg.seed, cfg.max_input_chars, cfg.prompt_style)
+            for name in names]
+
+
+def method_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors that belong to the method (EWC keeps its own, prefixed ``ewc.``)."""
+    return {k: v for k, v in tensors.items() if not k.startswith("ewc.")}
 
 
 def _rehearsal(method: Method, tasks: list[TaskData], t: int, n_current: int, cfg: TrainConfig) -> list[Example]:
@@ -143,9 +163,7 @@ def _write_outputs(out: Path, cfg: TrainConfig, tasks: list[str], acc: list[list
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot_accuracy(acc, tasks, cfg.method, out / "accuracy.png")
     plot_ap(acc, tasks, cfg.method, out / "ap_over_tasks.png")
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_predictions(out / "predictions.jsonl", records)
     return metrics
 
 
@@ -158,11 +176,10 @@ def run(cfg: TrainConfig, spec: RunSpec) -> dict:
     """Train ``cfg.method`` over ``spec.tasks``; returns the metrics dict also written to ``metrics.json``."""
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = load_base_model(spec.base_model, spec.cache_dir, spec.device, spec.dtype, spec.num_threads)
+    loaded = spec.load()
     model, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(cfg.seed)
-    data = [load_task(spec.data_dir, name, cfg.max_train, cfg.max_test, cfg.seed, cfg.max_input_chars,
-                      cfg.prompt_style) for name in spec.tasks]
+    data = load_tasks(spec.data_dir, spec.tasks, cfg)
     method = get_method(cfg.method)(model, cfg, data, loaded.name)
     ewc = EWC(cfg.ewc_lambda)
     acc: list[list[float]] = []
@@ -173,7 +190,7 @@ def run(cfg: TrainConfig, spec: RunSpec) -> dict:
         if TrainConfig.upgrade_json(meta["config"]) != cfg.to_json() or meta["tasks"] != spec.tasks:
             raise ContinualError(f"{out} holds checkpoints of a different run (config or tasks differ); "
                                  "use another --out or pass --no-resume to start over")
-        method.load_state({k: v for k, v in tensors.items() if not k.startswith("ewc.")}, meta["method"])
+        method.load_state(method_tensors(tensors), meta["method"])
         ewc.load(tensors, loaded.device)
         acc, seconds, exports, start = meta["accuracy"], meta["seconds"], meta.get("adapters", {}), t_done + 1
         log.info("resuming %s after task %d (%s)", cfg.method, t_done + 1, spec.tasks[t_done])
