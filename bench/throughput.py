@@ -4,7 +4,7 @@
   (a) clora base only          (b) clora mixed across 8 adapters (r 8 and 16, q/k/v/o)
   (c) naive PEFT: set_adapter + generate, one request at a time
   (d) PEFT mixed batch: generate(adapter_names=...) in batches of 16
-  (e) vLLM (--vllm-url, adapters loaded there under the same names), base and mixed
+  (e) vLLM (--vllm-url: a vLLM server on this machine; the bench loads the 8 adapters into it), base and mixed
 Also: seconds from process start to /ready (model cache present) and resident memory at idle.
 
 Usage: python bench/throughput.py [--requests 64] [--concurrency 16] [--naive-requests 16] [--vllm-url URL]
@@ -99,6 +99,17 @@ def peft_mixed(model, tok, names, prompts, new_tokens, batch, device) -> tuple[f
     return time.perf_counter() - t0, toks
 
 
+def load_into_vllm(url: str, adapters: dict[str, Path]) -> None:
+    """Load each adapter into a vLLM server on this machine under its name (the server needs
+    ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); one it already holds under that name is replaced."""
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for name, path in adapters.items():
+            c.post("/v1/unload_lora_adapter", json={"lora_name": name})  # 4xx when it was not loaded: fine
+            r = c.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)})
+            if r.status_code != 200:
+                raise SystemExit(f"vLLM refused adapter {name}: {r.status_code} {r.text}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -160,6 +171,9 @@ def main() -> None:
         del model
     if args.vllm_url:
         vm = args.vllm_model or httpx.get(args.vllm_url + "/v1/models").json()["data"][0]["id"]
+        load_into_vllm(args.vllm_url, adapters)
+        http_run(args.vllm_url, lambda i: vm, prompts[:16], 4, args.concurrency)  # warm-up, as for clora
+        http_run(args.vllm_url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)
         rows.append(("(e) vLLM base only", *http_run(args.vllm_url, lambda i: vm, prompts, args.new_tokens,
                                                      args.concurrency)))
         rows.append(("(e) vLLM mixed 8 adapters", *http_run(args.vllm_url, lambda i: names[i % 8], prompts,
