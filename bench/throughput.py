@@ -99,6 +99,16 @@ def peft_mixed(model, tok, names, prompts, new_tokens, batch, device) -> tuple[f
     return time.perf_counter() - t0, toks
 
 
+def base_and_mixed(url: str, base_id: str, names: list[str], prompts: list[str], new_tokens: int,
+                   concurrency: int, labels: tuple[str, str]) -> list[tuple[str, float, int]]:
+    """One server's two rows, measured alike for clora and vLLM: a short warm-up of each path, then every
+    prompt on the base model and every prompt spread over ``names``."""
+    paths = ((labels[0], lambda i: base_id), (labels[1], lambda i: names[i % len(names)]))
+    for _, model_for in paths:
+        http_run(url, model_for, prompts[:16], 4, concurrency)  # warm-up
+    return [(label, *http_run(url, model_for, prompts, new_tokens, concurrency)) for label, model_for in paths]
+
+
 def load_into_vllm(url: str, adapters: dict[str, Path]) -> None:
     """Load each adapter into a vLLM server on this machine under its name (the server needs
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); one it already holds under that name is replaced."""
@@ -155,12 +165,8 @@ def main() -> None:
         time.sleep(1.0)
         rss_idle = srv.rss_bytes()
         base_id = httpx.get(srv.url + "/ready").json()["model"]
-        http_run(srv.url, lambda i: base_id, prompts[:16], 4, args.concurrency)  # warm-up
-        http_run(srv.url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)
-        rows.append(("(a) clora base only", *http_run(srv.url, lambda i: base_id, prompts, args.new_tokens,
-                                                      args.concurrency)))
-        rows.append(("(b) clora mixed 8 adapters", *http_run(srv.url, lambda i: names[i % 8], prompts,
-                                                             args.new_tokens, args.concurrency)))
+        rows += base_and_mixed(srv.url, base_id, names, prompts, args.new_tokens, args.concurrency,
+                               ("(a) clora base only", "(b) clora mixed 8 adapters"))
     if not args.skip_peft:
         model = peft_model(model_dir, adapters, dtype, str(device))
         n = args.naive_requests
@@ -172,12 +178,8 @@ def main() -> None:
     if args.vllm_url:
         vm = args.vllm_model or httpx.get(args.vllm_url + "/v1/models").json()["data"][0]["id"]
         load_into_vllm(args.vllm_url, adapters)
-        http_run(args.vllm_url, lambda i: vm, prompts[:16], 4, args.concurrency)  # warm-up, as for clora
-        http_run(args.vllm_url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)
-        rows.append(("(e) vLLM base only", *http_run(args.vllm_url, lambda i: vm, prompts, args.new_tokens,
-                                                     args.concurrency)))
-        rows.append(("(e) vLLM mixed 8 adapters", *http_run(args.vllm_url, lambda i: names[i % 8], prompts,
-                                                            args.new_tokens, args.concurrency)))
+        rows += base_and_mixed(args.vllm_url, vm, names, prompts, args.new_tokens, args.concurrency,
+                               ("(e) vLLM base only", "(e) vLLM mixed 8 adapters"))
 
     tps = {}
     print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} requests={args.requests} "
