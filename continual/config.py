@@ -30,7 +30,8 @@ class TrainConfig:
     eval_batch_size: int = 32
     olora_lambda: float = 0.5  # O-LoRA λ1 (also used by gainlora's branches)
     clora_lambda: float = 0.01  # C-LoRA orthogonality penalty weight
-    routing_lr: float | None = None  # C-LoRA: learning rate of R_δ, all a later task trains (None: lr)
+    routing_lr: float | None = None  # C-LoRA: learning rate of R_δ (None: lr)
+    clora_project_a: bool = False  # C-LoRA: later tasks also train A, its change kept off old tasks' inputs (GPM)
     gate_hidden: int = 100  # GainLoRA gate MLP hidden size
     gate_dim: int = 64  # GainLoRA gate output / key size
     gate_lr: float | None = None  # GainLoRA gate (W1, W2, new key) learning rate (None: lr); 5e-3 opened new gates

@@ -40,6 +40,7 @@ class LoraLinear(nn.Module):
         self.R_delta: nn.Parameter | None = None  # (r, r) trainable routing increment (C-LoRA)
         self.enabled = True
         self.record_cov: torch.Tensor | None = None  # when set, forward adds uᵀu of u = A x over real tokens
+        self.record_input_cov: torch.Tensor | None = None  # when set, forward adds xᵀx of the inputs x, likewise
 
     @property
     def in_features(self) -> int:
@@ -78,6 +79,12 @@ class LoraLinear(nn.Module):
             return None
         return self.R_old + self.R_delta if self.R_delta is not None else self.R_old  # (r, r)
 
+    def _real_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, d) float32 rows of ``t`` (B, T, d) at the real (non-padding) tokens of ``ctx.token_mask``."""
+        m = self.ctx.token_mask
+        t = t.detach().float()
+        return t[m] if m is not None else t.reshape(-1, t.shape[-1])
+
     def delta_weight(self) -> torch.Tensor:
         """ΔW (out, in) with all gates 1, for tests and exports."""
         A = torch.cat(list(self.As), 0)
@@ -95,9 +102,11 @@ class LoraLinear(nn.Module):
         B = torch.cat(list(self.Bs), 1)  # (out, R)
         u = x.to(A.dtype) @ A.t()  # (B, T, R)
         if self.record_cov is not None:
-            m = self.ctx.token_mask
-            rows = u.detach().float()[m] if m is not None else u.detach().float().reshape(-1, u.shape[-1])
+            rows = self._real_rows(u)
             self.record_cov += rows.t() @ rows  # (R, R)
+        if self.record_input_cov is not None:
+            rows = self._real_rows(x)
+            self.record_input_cov += rows.t() @ rows  # (in, in)
         R = self.routing()
         if R is not None:
             assert len(self.As) == 1, "a routing matrix needs exactly one branch"

@@ -5,14 +5,17 @@ Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing ma
     ΔW_t = s · B (R_old + R_δ) A
 
 * Task 0: R_old = I (frozen), R_δ = 0; A, B (PEFT init: B = 0) and R_δ train, so task 0 is a plain LoRA.
-* After every task: fold R_old <- R_old + R_δ, R_δ <- 0, and grow the old-task subspace U (r, k) of u = A x with
-  GPM over the task's training tokens (energy threshold 0.97 + 0.003 t). This fold is the exported version.
-* Tasks t >= 1: A and B are frozen; only R_δ trains (from zero, at ``routing_lr``, default the LoRA's), with the
-  penalty ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use.
+* After every task: fold R_old <- R_old + R_δ, R_δ <- 0, and grow two GPM memories over the task's training
+  tokens (energy threshold 0.97 + 0.003 t): U (r, k) of u = A x in the rank space, and U_x (in, k_x) of the
+  module's inputs x. This fold is the exported version.
+* Tasks t >= 1: B is frozen. R_δ trains (from zero, at ``routing_lr``, default the LoRA's) with the penalty
+  ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use. With
+  ``clora_project_a`` A trains too, its change since the task began projected off U_x after every step
+  (gradient and parameter), so A x is unchanged for old inputs x in span(U_x); without it A is frozen.
 
 Guarantees (tested): at the start of every task the model equals the previous version (R_δ = 0); for any input
-with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0, so the penalty bounds the drift on old inputs by
-s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task: the served version is a PEFT LoRA with
+x in span(U_x) with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0, so the penalty bounds the drift on old
+inputs by s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task: the served version is a PEFT LoRA with
 B' = B (R_old + R_δ).
 """
 
@@ -21,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..gpm import gpm_threshold, gpm_update_cov
+from ..gpm import gpm_threshold, gpm_update_cov, project_off
 from . import register_method
 from .base import Method
 
@@ -33,6 +36,8 @@ class CLoRA(Method):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.bases: dict[str, torch.Tensor] = {}  # path -> U (r, k) of old tasks' u = A x
+        self.input_bases: dict[str, torch.Tensor] = {}  # path -> U_x (in, k_x) of old tasks' inputs x
+        self._a_start: dict[str, torch.Tensor] = {}  # path -> A at the start of the task (t >= 1)
 
     def begin_task(self, t: int) -> list[nn.Parameter]:
         r = self.cfg.rank
@@ -41,10 +46,14 @@ class CLoRA(Method):
             params = self.reset_single_branch()
             for layer in self.layers.values():
                 layer.R_old = torch.eye(r, device=self.device)
+        train_a = t > 0 and self.cfg.clora_project_a
+        self._a_start = {p: layer.As[0].detach().clone() for p, layer in self.layers.items()} if train_a else {}
         for layer in self.layers.values():
-            layer.As[0].requires_grad_(t == 0)
+            layer.As[0].requires_grad_(t == 0 or train_a)
             layer.Bs[0].requires_grad_(t == 0)
             layer.R_delta = nn.Parameter(torch.zeros(r, r, device=self.device))
+            if train_a:
+                params.append(layer.As[0])
             params.append(layer.R_delta)
         return params
 
@@ -65,6 +74,22 @@ class CLoRA(Method):
             return float(sum((l.R_delta @ self.bases[p].to(l.R_delta.device)).pow(2).sum()
                              for p, l in self.layers.items() if p in self.bases and l.R_delta is not None))
 
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        for path, layer in self._protected():
+            if layer.As[0].grad is not None:
+                layer.As[0].grad.copy_(project_off(layer.As[0].grad, self.input_bases[path]))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Keep A's change since the task began off the old tasks' input subspace (Adam's step is not)."""
+        for path, layer in self._protected():
+            A0 = self._a_start[path]
+            layer.As[0].copy_(A0 + project_off(layer.As[0] - A0, self.input_bases[path]))
+
+    def _protected(self):
+        return [(p, layer) for p, layer in self.layers.items() if p in self._a_start and p in self.input_bases]
+
     def end_task(self, t: int) -> None:
         """Fold R_δ into R_old; the GPM update itself needs the task's activations (``update_memory``)."""
         for layer in self.layers.values():
@@ -77,19 +102,27 @@ class CLoRA(Method):
         for layer in self.layers.values():
             r = layer.As[0].shape[0]
             layer.record_cov = torch.zeros(r, r, device=self.device)
+            if self.cfg.clora_project_a:
+                layer.record_input_cov = torch.zeros(layer.in_features, layer.in_features, device=self.device)
 
     def finish_recording(self, t: int) -> None:
         for path, layer in self.layers.items():
             cov = layer.record_cov
             layer.record_cov = None
             self.bases[path] = gpm_update_cov(self.bases.get(path), cov, gpm_threshold(t)).cpu()
+            if layer.record_input_cov is not None:
+                x_cov, layer.record_input_cov = layer.record_input_cov, None
+                self.input_bases[path] = gpm_update_cov(self.input_bases.get(path), x_cov, gpm_threshold(t))
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = super().state()
         for p, U in self.bases.items():
             tensors[f"gpm.{p}"] = U
+        for p, U in self.input_bases.items():
+            tensors[f"gpm_x.{p}"] = U
         return tensors, meta
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         super().load_state(tensors, meta)
         self.bases = {k[len("gpm."):]: v for k, v in tensors.items() if k.startswith("gpm.")}
+        self.input_bases = {k[len("gpm_x."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("gpm_x.")}

@@ -1,10 +1,10 @@
 """C-LoRA claims (docs/clora.md): versions chain exactly, R_δ ⟂ U leaves old inputs untouched, the penalty
-reduces overlap, and only R_δ trains after the first task."""
+reduces overlap, only R_δ trains after the first task, or R_δ and A with A's change kept off old inputs."""
 
 import pytest
 import torch
 
-from continual.batching import make_batch
+from continual.batching import answer_loss, make_batch
 
 from .helpers import logits, randomize, tiny_method
 
@@ -62,21 +62,47 @@ def test_penalty_reduces_overlap(tiny_llama_dir, cl_data_dir):
         m.begin_task(0)
         randomize(m, 0)
         _finish(m, loaded, 0)
-        params = m.begin_task(1)
-        opt = torch.optim.Adam(params, lr=3e-2)
-        torch.manual_seed(0)
-        b = make_batch(loaded.tokenizer, m.tasks[1].train, m.device)
-        from continual.batching import answer_loss
-
-        for _ in range(5):
-            loss = answer_loss(loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
-            pen = m.penalty()
-            total = loss + pen if pen is not None else loss
-            opt.zero_grad()
-            total.backward()
-            opt.step()
+        _train_steps(m, loaded, m.begin_task(1), 5)
         overlaps[lam] = m.overlap()
     assert overlaps[1.0] < 0.5 * overlaps[0.0], overlaps
+
+
+def _train_steps(m, loaded, params, steps: int) -> None:
+    """Task 1's training loop as the runner runs it (penalty, gradient surgery, step, parameter surgery)."""
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=3e-2)
+    torch.manual_seed(0)
+    b = make_batch(loaded.tokenizer, m.tasks[1].train, m.device)
+    for _ in range(steps):
+        loss = answer_loss(loaded.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
+        pen = m.penalty()
+        total = loss + pen if pen is not None else loss
+        opt.zero_grad()
+        total.backward()
+        m.after_backward()
+        opt.step()
+        m.after_step()
+
+
+def test_projected_a_trains_off_old_inputs(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_a=True)
+    m.begin_task(0)
+    randomize(m, 0)
+    _finish(m, loaded, 0)
+    params = m.begin_task(1)
+    path, layer = next(iter(m.layers.items()))
+    assert {id(layer.As[0]), id(layer.R_delta)} <= {id(p) for p in params}
+    assert id(layer.Bs[0]) not in {id(p) for p in params}  # B stays frozen
+    Ux = m.input_bases[path]  # (in, k_x)
+    assert 0 < Ux.shape[1] < layer.in_features
+    A0 = layer.As[0].detach().clone()
+    _train_steps(m, loaded, params, 3)
+    dA = layer.As[0].detach() - A0
+    assert dA.norm() > 1e-3  # A learned in the free directions
+    assert (dA @ Ux).norm() < 1e-5 * dA.norm()  # and not in the old tasks' input subspace
+    x = Ux @ torch.randn(Ux.shape[1], 3)  # old-task-like inputs see the same A x
+    assert torch.allclose(layer.As[0].detach() @ x, A0 @ x, atol=1e-5)
 
 
 def test_routing_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
