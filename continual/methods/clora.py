@@ -46,13 +46,15 @@ class CLoRA(Method):
             params = self.reset_single_branch()
             for layer in self.layers.values():
                 layer.R_old = torch.eye(r, device=self.device)
-        train_a = t > 0 and self.cfg.clora_project_a
-        self._a_start = {p: layer.As[0].detach().clone() for p, layer in self.layers.items()} if train_a else {}
-        for layer in self.layers.values():
-            layer.As[0].requires_grad_(t == 0 or train_a)
+        # A trains after task 0 only where the input subspace of all old tasks is known (a run resumed from a
+        # checkpoint written without ``clora_project_a`` has none, so its A stays frozen as it was trained)
+        self._a_start = {p: layer.As[0].detach().clone() for p, layer in self.layers.items()
+                         if t > 0 and self.cfg.clora_project_a and p in self.input_bases}
+        for path, layer in self.layers.items():
+            layer.As[0].requires_grad_(t == 0 or path in self._a_start)
             layer.Bs[0].requires_grad_(t == 0)
             layer.R_delta = nn.Parameter(torch.zeros(r, r, device=self.device))
-            if train_a:
+            if path in self._a_start:
                 params.append(layer.As[0])
             params.append(layer.R_delta)
         return params
@@ -87,8 +89,8 @@ class CLoRA(Method):
             A0 = self._a_start[path]
             layer.As[0].copy_(A0 + project_off(layer.As[0] - A0, self.input_bases[path]))
 
-    def _protected(self):
-        return [(p, layer) for p, layer in self.layers.items() if p in self._a_start and p in self.input_bases]
+    def _protected(self) -> list[tuple[str, nn.Module]]:
+        return [(p, layer) for p, layer in self.layers.items() if p in self._a_start]
 
     def end_task(self, t: int) -> None:
         """Fold R_δ into R_old; the GPM update itself needs the task's activations (``update_memory``)."""
@@ -112,7 +114,8 @@ class CLoRA(Method):
             self.bases[path] = gpm_update_cov(self.bases.get(path), cov, gpm_threshold(t)).cpu()
             if layer.record_input_cov is not None:
                 x_cov, layer.record_input_cov = layer.record_input_cov, None
-                self.input_bases[path] = gpm_update_cov(self.input_bases.get(path), x_cov, gpm_threshold(t))
+                if t == 0 or path in self.input_bases:  # a basis covers every old task or does not exist
+                    self.input_bases[path] = gpm_update_cov(self.input_bases.get(path), x_cov, gpm_threshold(t))
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors, meta = super().state()

@@ -21,7 +21,7 @@ def _finish(m, loaded, t):
 
 
 def test_new_task_starts_from_previous_version_and_only_routing_trains(tiny_llama_dir, cl_data_dir):
-    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_a=False)
     m.begin_task(0)
     randomize(m, 0)
     prompt = m.tasks[0].test[0].prompt
@@ -86,7 +86,7 @@ def _train_steps(m, loaded, params, steps: int) -> None:
 
 
 def test_projected_a_trains_off_old_inputs(tiny_llama_dir, cl_data_dir):
-    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_a=True)
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")  # projected A is the default
     m.begin_task(0)
     randomize(m, 0)
     _finish(m, loaded, 0)
@@ -106,7 +106,7 @@ def test_projected_a_trains_off_old_inputs(tiny_llama_dir, cl_data_dir):
 
 
 def test_routing_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
-    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", lr=1e-4, routing_lr=3e-2)
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", lr=1e-4, routing_lr=3e-2, clora_project_a=False)
     m.begin_task(0)
     m.end_task(0)
     params = m.begin_task(1)
@@ -114,3 +114,17 @@ def test_routing_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
     groups = m.param_groups(params)
     assert {g.get("lr", m.cfg.lr): len(g["params"]) for g in groups} == {1e-4: 0, 3e-2: len(routing)}
     assert {id(p) for p in groups[1]["params"]} == routing == {id(p) for p in params}  # later tasks: R_δ only
+
+
+def test_a_stays_frozen_without_the_old_tasks_input_subspace(tiny_llama_dir, cl_data_dir):
+    """A run resumed from a checkpoint written before ``clora_project_a`` has no input bases: A must not train
+    unprotected, nor get a basis that covers only the tasks after the resume."""
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")
+    m.begin_task(0)
+    randomize(m, 0)
+    _finish(m, loaded, 0)
+    m.input_bases = {}  # as loaded from such a checkpoint
+    params = m.begin_task(1)
+    assert all(p.shape == (8, 8) for p in params)
+    _finish(m, loaded, 1)
+    assert m.input_bases == {}
