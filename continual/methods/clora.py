@@ -78,22 +78,21 @@ class CLoRA(Method):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        for path, layer in self._protected():
-            if layer.As[0].grad is not None:
-                layer.As[0].grad.copy_(project_off(layer.As[0].grad, self.input_bases[path]))
+        """Project A's gradient off the old tasks' input subspace (keeps Adam's moments off it too)."""
+        for path in self._a_start:
+            A = self.layers[path].As[0]
+            if A.grad is not None:
+                A.grad.copy_(project_off(A.grad, self.input_bases[path]))
 
     @torch.no_grad()
     def after_step(self) -> None:
         """Keep A's change since the task began off the old tasks' input subspace (Adam's step is not)."""
-        for path, layer in self._protected():
-            A0 = self._a_start[path]
-            layer.As[0].copy_(A0 + project_off(layer.As[0] - A0, self.input_bases[path]))
-
-    def _protected(self) -> list[tuple[str, nn.Module]]:
-        return [(p, layer) for p, layer in self.layers.items() if p in self._a_start]
+        for path, A0 in self._a_start.items():
+            A = self.layers[path].As[0]
+            A.copy_(A0 + project_off(A - A0, self.input_bases[path]))
 
     def end_task(self, t: int) -> None:
-        """Fold R_δ into R_old; the GPM update itself needs the task's activations (``update_memory``)."""
+        """Fold R_δ into R_old; the GPM memories need the task's activations (the runner's memory pass)."""
         for layer in self.layers.values():
             layer.R_old = (layer.R_old + layer.R_delta.detach()).detach()
             layer.R_delta = nn.Parameter(torch.zeros_like(layer.R_old), requires_grad=False)
