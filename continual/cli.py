@@ -45,6 +45,8 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.add_argument("--routing-lr", type=float, default=d.routing_lr, help="C-LoRA: learning rate of R_delta")
     p.add_argument("--clora-project-a", action=argparse.BooleanOptionalAction, default=d.clora_project_a,
                    help="C-LoRA: later tasks also train A, its change projected off old tasks' inputs (GPM)")
+    p.add_argument("--clora-project-b", action=argparse.BooleanOptionalAction, default=d.clora_project_b,
+                   help="C-LoRA: later tasks also train B, its change projected off the codes old tasks feed it")
     p.add_argument("--gate-hidden", type=int, default=d.gate_hidden)
     p.add_argument("--gate-dim", type=int, default=d.gate_dim)
     p.add_argument("--gate-lr", type=float, default=d.gate_lr, help="GainLoRA gate learning rate")
@@ -86,7 +88,8 @@ def _train(args: argparse.Namespace) -> int:
             olora_lambda=args.olora_lambda, clora_lambda=args.clora_lambda,
             gate_hidden=args.gate_hidden, gate_dim=args.gate_dim,
             gate_lr=args.gate_lr, gate_threshold=args.gate_threshold, routing_lr=args.routing_lr,
-            clora_project_a=args.clora_project_a, joint_only=args.joint_only, name=args.name,
+            clora_project_a=args.clora_project_a,
+            clora_project_b=args.clora_project_b, joint_only=args.joint_only, name=args.name,
         )
         tasks = resolve_tasks(args.data, args.order, args.tasks)
         spec = RunSpec(data_dir=args.data, tasks=tasks, out_dir=args.out, cache_dir=_cache_dir(args.cache_dir),

@@ -33,6 +33,7 @@ class TrainConfig:
     routing_lr: float | None = None  # C-LoRA: learning rate of R_δ (None: lr)
     clora_project_a: bool = True  # C-LoRA: later tasks also train A, its change kept off old tasks' inputs (GPM);
     #                               False: only R_δ trains after task 0 (AP 0.445 against 0.5125, FT 2.3 against 1.7)
+    clora_project_b: bool = True  # C-LoRA: later tasks also train B, its change kept off the codes old tasks feed it
     gate_hidden: int = 100  # GainLoRA gate MLP hidden size
     gate_dim: int = 64  # GainLoRA gate output / key size
     gate_lr: float | None = None  # GainLoRA gate (W1, W2, new key) learning rate (None: lr); 5e-3 opened new gates

@@ -12,10 +12,13 @@ Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing ma
   ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use. With
   ``clora_project_a`` A trains too, its change since the task began projected off U_x after every step
   (gradient and parameter), so A x is unchanged for old inputs x in span(U_x); without it A is frozen.
+  With ``clora_project_b`` B trains too, its change since the task began projected off V = orth(R_old U), the
+  codes old tasks feed it (gradient and parameter): (B - B_start) R_old u = 0 for u in span(U); without it B is
+  frozen after task 0, and every task's output goes through task 0's column space of B.
 
 Guarantees (tested): at the start of every task the model equals the previous version (R_δ = 0); for any input
-x in span(U_x) with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0, so the penalty bounds the drift on old
-inputs by s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task: the served version is a PEFT LoRA with
+x in span(U_x) with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0 (B's change vanishes on R_old U), so
+the penalty bounds the drift on old inputs by s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task: the served version is a PEFT LoRA with
 B' = B (R_old + R_δ).
 """
 
@@ -38,6 +41,7 @@ class CLoRA(Method):
         self.bases: dict[str, torch.Tensor] = {}  # path -> U (r, k) of old tasks' u = A x
         self.input_bases: dict[str, torch.Tensor] = {}  # path -> U_x (in, k_x) of old tasks' inputs x
         self._a_start: dict[str, torch.Tensor] = {}  # path -> A at the start of the task (t >= 1)
+        self._b_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # path -> (B at the start, V (r, k_v))
 
     def begin_task(self, t: int) -> list[nn.Parameter]:
         r = self.cfg.rank
@@ -50,12 +54,18 @@ class CLoRA(Method):
         # checkpoint written without ``clora_project_a`` has none, so its A stays frozen as it was trained)
         self._a_start = {p: layer.As[0].detach().clone() for p, layer in self.layers.items()
                          if t > 0 and self.cfg.clora_project_a and p in self.input_bases}
+        self._b_start = {}
+        if t > 0 and self.cfg.clora_project_b:
+            for path, layer in self.layers.items():
+                V = _old_codes(layer.R_old, self.bases.get(path))
+                if V is not None and V.shape[1] < r:  # B only trains where some code direction is free
+                    self._b_start[path] = (layer.Bs[0].detach().clone(), V.to(self.device))
         for path, layer in self.layers.items():
             layer.As[0].requires_grad_(t == 0 or path in self._a_start)
-            layer.Bs[0].requires_grad_(t == 0)
+            layer.Bs[0].requires_grad_(t == 0 or path in self._b_start)
             layer.R_delta = nn.Parameter(torch.zeros(r, r, device=self.device))
-            if path in self._a_start:
-                params.append(layer.As[0])
+            params += [w for w, on in ((layer.As[0], path in self._a_start), (layer.Bs[0], path in self._b_start))
+                       if on]
             params.append(layer.R_delta)
         return params
 
@@ -78,18 +88,25 @@ class CLoRA(Method):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Project A's gradient off the old tasks' input subspace (keeps Adam's moments off it too)."""
+        """Project A's gradient off the old tasks' inputs and B's off their codes (keeps Adam's moments off too)."""
         for path in self._a_start:
             A = self.layers[path].As[0]
             if A.grad is not None:
                 A.grad.copy_(project_off(A.grad, self.input_bases[path]))
+        for path, (_, V) in self._b_start.items():
+            B = self.layers[path].Bs[0]
+            if B.grad is not None:
+                B.grad.copy_(project_off(B.grad, V))
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Keep A's change since the task began off the old tasks' input subspace (Adam's step is not)."""
+        """Keep A's and B's changes since the task began off those subspaces (Adam's step is not projected)."""
         for path, A0 in self._a_start.items():
             A = self.layers[path].As[0]
             A.copy_(A0 + project_off(A - A0, self.input_bases[path]))
+        for path, (B0, V) in self._b_start.items():
+            B = self.layers[path].Bs[0]
+            B.copy_(B0 + project_off(B - B0, V))
 
     def end_task(self, t: int) -> None:
         """Fold R_δ into R_old; the GPM memories need the task's activations (the runner's memory pass)."""
@@ -128,3 +145,13 @@ class CLoRA(Method):
         super().load_state(tensors, meta)
         self.bases = {k[len("gpm."):]: v for k, v in tensors.items() if k.startswith("gpm.")}
         self.input_bases = {k[len("gpm_x."):]: v.to(self.device) for k, v in tensors.items() if k.startswith("gpm_x.")}
+
+
+def _old_codes(R_old: torch.Tensor, U: torch.Tensor | None) -> torch.Tensor | None:
+    """Orthonormal basis (r, k) of span(R_old U): the codes old tasks' inputs feed B (None without a memory)."""
+    if U is None:
+        return None
+    if U.shape[1] == 0:
+        return U
+    Q, S, _ = torch.linalg.svd(R_old.float().cpu() @ U.float().cpu(), full_matrices=False)
+    return Q[:, S > S.max() * 1e-6].contiguous()

@@ -1,5 +1,6 @@
 """C-LoRA claims (docs/clora.md): versions chain exactly, R_δ ⟂ U leaves old inputs untouched, the penalty
-reduces overlap, only R_δ trains after the first task, or R_δ and A with A's change kept off old inputs."""
+reduces overlap, only R_δ trains after the first task, or R_δ, A and B with A's change kept off old inputs and
+B's off the codes old tasks feed it."""
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ def _finish(m, loaded, t):
 
 
 def test_new_task_starts_from_previous_version_and_only_routing_trains(tiny_llama_dir, cl_data_dir):
-    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_a=False)
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_a=False, clora_project_b=False)
     m.begin_task(0)
     randomize(m, 0)
     prompt = m.tasks[0].test[0].prompt
@@ -86,7 +87,7 @@ def _train_steps(m, loaded, params, steps: int) -> None:
 
 
 def test_projected_a_trains_off_old_inputs(tiny_llama_dir, cl_data_dir):
-    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")  # projected A is the default
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_b=False)  # projected A: default
     m.begin_task(0)
     randomize(m, 0)
     _finish(m, loaded, 0)
@@ -105,6 +106,28 @@ def test_projected_a_trains_off_old_inputs(tiny_llama_dir, cl_data_dir):
     assert torch.allclose(layer.As[0].detach() @ x, A0 @ x, atol=1e-5)
 
 
+def test_projected_b_trains_off_old_codes(tiny_llama_dir, cl_data_dir):
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")  # projected A and B are the default
+    m.begin_task(0)
+    randomize(m, 0)
+    _finish(m, loaded, 0)
+    path, layer = next(iter(m.layers.items()))
+    U, _ = torch.linalg.qr(torch.randn(8, 5))  # a 5-dim old code subspace: 3 directions stay free for B
+    m.bases = {p: U for p in m.layers}
+    params = m.begin_task(1)
+    assert {id(layer.As[0]), id(layer.Bs[0]), id(layer.R_delta)} <= {id(p) for p in params}
+    B0, R_old = layer.Bs[0].detach().clone(), layer.R_old.clone()
+    _train_steps(m, loaded, params, 3)
+    dB = layer.Bs[0].detach() - B0
+    assert dB.norm() > 1e-3  # B learned on the free code directions
+    codes = R_old @ U @ torch.randn(5, 4)  # what old tasks' inputs feed B
+    assert (dB @ codes).norm() < 1e-5 * dB.norm() * codes.norm()
+    assert torch.allclose(layer.Bs[0].detach() @ codes, B0 @ codes, atol=1e-5)
+    m.end_task(1)
+    m.bases = {p: torch.eye(8) for p in m.layers}  # every code direction taken: B has no room and stays frozen
+    assert id(layer.Bs[0]) not in {id(p) for p in m.begin_task(2)}
+
+
 def test_routing_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
     loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", lr=1e-4, routing_lr=3e-2, clora_project_a=False)
     m.begin_task(0)
@@ -119,7 +142,7 @@ def test_routing_trains_at_its_own_learning_rate(tiny_llama_dir, cl_data_dir):
 def test_a_stays_frozen_without_the_old_tasks_input_subspace(tiny_llama_dir, cl_data_dir):
     """A run resumed from a checkpoint written before ``clora_project_a`` has no input bases: A must not train
     unprotected, nor get a basis that covers only the tasks after the resume."""
-    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora")
+    loaded, m = tiny_method(tiny_llama_dir, cl_data_dir, "clora", clora_project_b=False)
     m.begin_task(0)
     randomize(m, 0)
     _finish(m, loaded, 0)
