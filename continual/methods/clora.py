@@ -8,7 +8,7 @@ Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing ma
 * After every task: fold R_old <- R_old + R_δ, R_δ <- 0, and grow two GPM memories over the task's training
   tokens (energy threshold 0.97 + 0.003 t): U (r, k) of u = A x in the rank space, and U_x (in, k_x) of the
   module's inputs x. This fold is the exported version.
-* Tasks t >= 1: B is frozen. R_δ trains (from zero, at ``routing_lr``, default the LoRA's) with the penalty
+* Tasks t >= 1: R_δ trains (from zero, at ``routing_lr``, default the LoRA's) with the penalty
   ``clora_lambda · Σ_modules ||R_δ U||_F²`` that keeps R_δ off the directions old tasks use. With
   ``clora_project_a`` A trains too, its change since the task began projected off U_x after every step
   (gradient and parameter), so A x is unchanged for old inputs x in span(U_x); without it A is frozen.
@@ -18,8 +18,8 @@ Per wrapped module one shared pair A (r, in), B (out, r) and an r x r routing ma
 
 Guarantees (tested): at the start of every task the model equals the previous version (R_δ = 0); for any input
 x in span(U_x) with A x in span(U), ΔW_t x = ΔW_{t-1} x whenever R_δ U = 0 (B's change vanishes on R_old U), so
-the penalty bounds the drift on old inputs by s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task: the served version is a PEFT LoRA with
-B' = B (R_old + R_δ).
+the penalty bounds the drift on old inputs by s·||B||·||R_δ U||·||A x||. One adapter, nothing added per task:
+the served version is a PEFT LoRA with B' = B (R_old + R_δ).
 """
 
 from __future__ import annotations
