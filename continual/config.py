@@ -34,7 +34,7 @@ class TrainConfig:
     clora_project_a: bool = True  # C-LoRA: later tasks also train A, its change kept off old tasks' inputs (GPM);
     #                               False: only R_δ trains after task 0 (AP 0.445 against 0.5125, FT 2.3 against 1.7)
     clora_project_b: bool = True  # C-LoRA: later tasks also train B, its change kept off the codes old tasks feed it
-    #                               (r 32: AP 0.680 against 0.6175 with B frozen, FT 1.7 against 0.7)
+    #                               (r 8: AP 0.625 against 0.5125 with B frozen; r 32: 0.680 against 0.6175)
     gate_hidden: int = 100  # GainLoRA gate MLP hidden size
     gate_dim: int = 64  # GainLoRA gate output / key size
     gate_lr: float | None = None  # GainLoRA gate (W1, W2, new key) learning rate (None: lr); 5e-3 opened new gates
