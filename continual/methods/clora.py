@@ -40,8 +40,8 @@ class CLoRA(Method):
         super().__init__(*args, **kwargs)
         self.bases: dict[str, torch.Tensor] = {}  # path -> U (r, k) of old tasks' u = A x
         self.input_bases: dict[str, torch.Tensor] = {}  # path -> U_x (in, k_x) of old tasks' inputs x
-        self._a_start: dict[str, torch.Tensor] = {}  # path -> A at the start of the task (t >= 1)
-        self._b_start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # path -> (B at the start, V (r, k_v))
+        # (A or B, its value at the task's start, the basis its change stays off): what trains projected (t >= 1)
+        self._projected: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
 
     def begin_task(self, t: int) -> list[nn.Parameter]:
         r = self.cfg.rank
@@ -50,24 +50,32 @@ class CLoRA(Method):
             params = self.reset_single_branch()
             for layer in self.layers.values():
                 layer.R_old = torch.eye(r, device=self.device)
-        # A trains after task 0 only where the input subspace of all old tasks is known (a run resumed from a
-        # checkpoint written without ``clora_project_a`` has none, so its A stays frozen as it was trained)
-        self._a_start = {p: layer.As[0].detach().clone() for p, layer in self.layers.items()
-                         if t > 0 and self.cfg.clora_project_a and p in self.input_bases}
-        self._b_start = {}
-        if t > 0 and self.cfg.clora_project_b:
-            for path, layer in self.layers.items():
-                V = _old_codes(layer.R_old, self.bases.get(path))
-                if V is not None and V.shape[1] < r:  # B only trains where some code direction is free
-                    self._b_start[path] = (layer.Bs[0].detach().clone(), V.to(self.device))
-        for path, layer in self.layers.items():
-            layer.As[0].requires_grad_(t == 0 or path in self._a_start)
-            layer.Bs[0].requires_grad_(t == 0 or path in self._b_start)
+        self._projected = [(w, w.detach().clone(), basis) for w, basis in self._projections(t)]
+        trained = {id(w) for w, _, _ in self._projected}
+        for layer in self.layers.values():
+            for w in (layer.As[0], layer.Bs[0]):
+                w.requires_grad_(t == 0 or id(w) in trained)
+                if id(w) in trained:
+                    params.append(w)
             layer.R_delta = nn.Parameter(torch.zeros(r, r, device=self.device))
-            params += [w for w, on in ((layer.As[0], path in self._a_start), (layer.Bs[0], path in self._b_start))
-                       if on]
             params.append(layer.R_delta)
         return params
+
+    def _projections(self, t: int) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """The factors task ``t`` trains besides R_δ, each with the basis its change stays off: A off the old tasks'
+        inputs U_x, only where a basis covering every old task exists (a run resumed from a checkpoint written
+        without ``clora_project_a`` has none, so its A stays frozen as it was trained); B off the old codes
+        V = orth(R_old U), only where some code direction is free."""
+        out: list[tuple[nn.Parameter, torch.Tensor]] = []
+        if t == 0:
+            return out
+        for path, layer in self.layers.items():
+            if self.cfg.clora_project_a and path in self.input_bases:
+                out.append((layer.As[0], self.input_bases[path]))
+            V = _old_codes(layer.R_old, self.bases.get(path)) if self.cfg.clora_project_b else None
+            if V is not None and V.shape[1] < layer.R_old.shape[0]:
+                out.append((layer.Bs[0], V.to(self.device)))
+        return out
 
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
         routing = [layer.R_delta for layer in self.layers.values()]
@@ -88,25 +96,16 @@ class CLoRA(Method):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """Project A's gradient off the old tasks' inputs and B's off their codes (keeps Adam's moments off too)."""
-        for path in self._a_start:
-            A = self.layers[path].As[0]
-            if A.grad is not None:
-                A.grad.copy_(project_off(A.grad, self.input_bases[path]))
-        for path, (_, V) in self._b_start.items():
-            B = self.layers[path].Bs[0]
-            if B.grad is not None:
-                B.grad.copy_(project_off(B.grad, V))
+        """Project the gradients of A and B off their bases (keeps Adam's moments off them too)."""
+        for w, _, basis in self._projected:
+            if w.grad is not None:
+                w.grad.copy_(project_off(w.grad, basis))
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """Keep A's and B's changes since the task began off those subspaces (Adam's step is not projected)."""
-        for path, A0 in self._a_start.items():
-            A = self.layers[path].As[0]
-            A.copy_(A0 + project_off(A - A0, self.input_bases[path]))
-        for path, (B0, V) in self._b_start.items():
-            B = self.layers[path].Bs[0]
-            B.copy_(B0 + project_off(B - B0, V))
+        """Keep A's and B's changes since the task began off their bases (Adam's step is not projected)."""
+        for w, start, basis in self._projected:
+            w.copy_(start + project_off(w - start, basis))
 
     def end_task(self, t: int) -> None:
         """Fold R_δ into R_old; the GPM memories need the task's activations (the runner's memory pass)."""
