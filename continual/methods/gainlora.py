@@ -12,7 +12,10 @@ masked, answer tokens excluded), in float32; the formula is shared with the serv
   batch it is set to that batch's mean gate output projected off the old tasks' GPM basis U_h, normalised (the
   direction that opens g_t most on the new task among keys ⟂ U_h; a random key there barely opens: measured 0.2–0.4
   on its own task's prompts); random and projected when that projection vanishes;
-* W1, W2 and k_t train, but their change since the task began is projected off the old tasks' GPM subspaces
+* at task 0 only the key trains: with one branch the gate has nothing to tell apart, and training W1, W2 there
+  collapsed h onto k_0 for every prompt (measured on standard_order1: g_0 0.96 on all four tasks, the task means of
+  h at cosine 0.994, U_h one direction holding 88% of a new task's h), so later keys had almost nothing to aim at;
+* from task 1, W1, W2 and k_t train, but their change since the task began is projected off the old tasks' GPM subspaces
   (inputs of W1: pooled prompts, U_p; inputs of W2: SiLU(W1 p), U_z; keys: gate outputs, U_h) after every step,
   so old inputs keep their gate outputs. Threshold schedule ``gate_threshold`` (GPM's 0.97) + 0.003 t;
 * the gate may train at its own learning rate ``gate_lr`` (default: the LoRA's).
@@ -40,9 +43,10 @@ class GateMLP(nn.Module):
 
     def __init__(self, H: int, hidden: int, out: int, gen: torch.Generator) -> None:
         super().__init__()
-        self.W1 = nn.Parameter(torch.empty(hidden, H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H), generator=gen))
+        self.W1 = nn.Parameter(torch.empty(hidden, H).uniform_(-1 / math.sqrt(H), 1 / math.sqrt(H), generator=gen),
+                               requires_grad=False)
         self.W2 = nn.Parameter(torch.empty(out, hidden).uniform_(-1 / math.sqrt(hidden), 1 / math.sqrt(hidden),
-                                                                 generator=gen))
+                                                                 generator=gen), requires_grad=False)
         self.keys = nn.ParameterList()
 
     def hidden(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -96,11 +100,13 @@ class GainLoRA(Method):
         key = project_off(key[None], self.bases.get("h"))[0]  # orthogonal to old gate outputs
         self.gate.keys.append(nn.Parameter(key / key.norm().clamp_min(1e-8)))
         self._aim_key = True  # at the first training batch (``set_batch``)
-        self.gate.W1.requires_grad_(True)
-        self.gate.W2.requires_grad_(True)
         self._start = {"W1": self.gate.W1.detach().clone(), "W2": self.gate.W2.detach().clone(),
                        "key": self.gate.keys[-1].detach().clone()}
-        return params + [self.gate.W1, self.gate.W2, self.gate.keys[-1]]
+        # At task 0 a single branch has nothing to tell apart, and training W1, W2 would collapse h onto k_0.
+        mlp = [self.gate.W1, self.gate.W2] if t > 0 else []
+        for p in mlp:
+            p.requires_grad_(True)
+        return params + mlp + [self.gate.keys[-1]]
 
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
         return self.own_lr_groups(params, list(self.gate.parameters()), self.cfg.gate_lr or self.cfg.lr)

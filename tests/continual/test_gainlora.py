@@ -161,3 +161,16 @@ def test_new_key_points_at_the_new_task_and_stays_orthogonal(tiny_llama_dir, cl_
     m.set_batch(prompt_ids(loaded.tokenizer, [ex.prompt for ex in m.tasks[0].train]))
     assert torch.equal(m.gate.keys[-1].detach(), key)  # aimed once per task
     assert not torch.equal(key, random_key)
+
+
+def test_first_task_trains_its_key_but_not_the_gate_mlp(tiny_llama_dir, cl_data_dir):
+    """With one branch there is nothing to tell apart: W1, W2 wait for task 1, so h keeps telling prompts apart."""
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    params = {id(p) for p in m.begin_task(0)}
+    assert id(m.gate.keys[0]) in params
+    assert not {id(m.gate.W1), id(m.gate.W2)} & params
+    assert not (m.gate.W1.requires_grad or m.gate.W2.requires_grad)
+    m.end_task(0)
+    params = {id(p) for p in m.begin_task(1)}
+    assert {id(m.gate.W1), id(m.gate.W2), id(m.gate.keys[1])} <= params
+    assert m.gate.W1.requires_grad and m.gate.W2.requires_grad
