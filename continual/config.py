@@ -28,7 +28,7 @@ class TrainConfig:
     prompt_style: str = "instruction"  # "instruction" (task instruction + options) | "raw" (input only)
     max_new_tokens: int = 8
     eval_batch_size: int = 32
-    olora_lambda: float = 0.5  # O-LoRA λ1 (also used by gainlora's branches)
+    olora_lambda: float = 0.5  # O-LoRA λ1 (gainlora keeps A_old A_newᵀ = 0 exactly instead)
     clora_lambda: float = 0.01  # C-LoRA orthogonality penalty weight
     routing_lr: float | None = None  # C-LoRA: learning rate of R_δ (None: lr)
     clora_project_a: bool = True  # C-LoRA: later tasks also train A, its change kept off old tasks' inputs (GPM);

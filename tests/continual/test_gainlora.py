@@ -174,3 +174,29 @@ def test_first_task_trains_its_key_but_not_the_gate_mlp(tiny_llama_dir, cl_data_
     params = {id(p) for p in m.begin_task(1)}
     assert {id(m.gate.W1), id(m.gate.W2), id(m.gate.keys[1])} <= params
     assert m.gate.W1.requires_grad and m.gate.W2.requires_grad
+
+
+def test_new_branch_rows_stay_orthogonal_to_old_ones(tiny_llama_dir, cl_data_dir):
+    """O-LoRA's constraint held exactly: A_old A_newᵀ = 0 at the start and after Adam steps on any gradient."""
+    loaded, m = _setup(tiny_llama_dir, cl_data_dir)
+    m.begin_task(0)
+    m.end_task(0)
+    params = m.begin_task(1)
+    assert m.penalty() is None
+
+    def overlap():
+        return max((torch.cat(list(layer.As)[:-1]) @ layer.As[-1].t()).abs().max().item()
+                   for layer in m.layers.values())
+
+    assert overlap() < 1e-5
+    opt = torch.optim.AdamW(m.param_groups(params), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    before = {id(p): p.detach().clone() for p in params}
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+        m.after_step()
+    assert overlap() < 1e-5
+    new_A = next(iter(m.layers.values())).As[-1]
+    assert (new_A - before[id(new_A)]).abs().max() > 1e-3  # it trains, within the free directions
