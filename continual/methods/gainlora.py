@@ -8,9 +8,9 @@ masked, answer tokens excluded), in float32; the formula is shared with the serv
 
 * old branches and keys are frozen; a new branch (PEFT init) and key k_t are added. O-LoRA's constraint holds
   exactly: the new A's rows start, and stay after every step, orthogonal to the old branches' rows (A_old A_newᵀ
-  = 0). O-LoRA's soft penalty λ Σ|A_old A_newᵀ| is not used here: its L1 subgradient never vanishes, so at λ 0.5
-  it gave A_new a gradient of norm 28 against 0 from the task's loss at the start of task 1, 98% of the clipped
-  step, and Adam's second moments then muted the task's gradient on A for the rest of the task;
+  = 0). O-LoRA's soft penalty λ Σ|A_old A_newᵀ| is not used here: its L1 subgradient never vanishes; at λ 0.5
+  it gave A_new a gradient of norm 28 at the start of task 1, against 0 from the task's loss (1.7 on B), so the
+  gradient clip scaled the whole step down 28-fold and A's Adam steps followed the penalty, not the task;
 * k_t starts orthogonal to the old tasks' gate outputs, so g_t ≈ 0 on old inputs: at the task's first training
   batch it is set to that batch's mean gate output projected off the old tasks' GPM basis U_h, normalised (the
   direction that opens g_t most on the new task among keys ⟂ U_h; a random key there barely opens: measured 0.2–0.4
