@@ -59,9 +59,24 @@ def _eig_desc(C: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return S2.flip(0).clamp_min(0), U.flip(1)
 
 
+# (parameter, its value at the task's start or None, basis (d, k)): see ``keep_changes_off``
+Projected = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]
+
+
 def project_off(grad: torch.Tensor, basis: torch.Tensor | None) -> torch.Tensor:
     """Remove from ``grad`` (out, d) its component in the input subspace ``basis`` (d, k): g - g U Uᵀ."""
     if basis is None or basis.shape[1] == 0:
         return grad
     U = basis.to(grad.device, grad.dtype)
     return grad - (grad @ U) @ U.t()
+
+
+@torch.no_grad()
+def keep_changes_off(projected: list[Projected]) -> None:
+    """For each ``(w, start, basis)``: ``w <- start + (w - start)`` with the change projected off ``basis``, so
+    what ``w`` does on that subspace stays as at ``start``; ``start`` None keeps ``w`` itself off ``basis``. A 1-D
+    ``w`` is one row."""
+    for w, start, basis in projected:
+        change = w if start is None else w - start
+        kept = project_off(change.reshape(-1, change.shape[-1]), basis).view_as(w)
+        w.copy_(kept if start is None else start + kept)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..gpm import gpm_threshold, gpm_update_cov, project_off
+from ..gpm import Projected, gpm_threshold, gpm_update_cov, keep_changes_off, project_off
 from . import register_method
 from .base import Method
 
@@ -41,7 +41,7 @@ class CLoRA(Method):
         self.bases: dict[str, torch.Tensor] = {}  # path -> U (r, k) of old tasks' u = A x
         self.input_bases: dict[str, torch.Tensor] = {}  # path -> U_x (in, k_x) of old tasks' inputs x
         # (A or B, its value at the task's start, the basis its change stays off): what trains projected (t >= 1)
-        self._projected: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        self._projected: list[Projected] = []
 
     def begin_task(self, t: int) -> list[nn.Parameter]:
         r = self.cfg.rank
@@ -101,11 +101,9 @@ class CLoRA(Method):
             if w.grad is not None:
                 w.grad.copy_(project_off(w.grad, basis))
 
-    @torch.no_grad()
     def after_step(self) -> None:
         """Keep A's and B's changes since the task began off their bases (Adam's step is not projected)."""
-        for w, start, basis in self._projected:
-            w.copy_(start + project_off(w - start, basis))
+        keep_changes_off(self._projected)
 
     def end_task(self, t: int) -> None:
         """Fold R_δ into R_old; the GPM memories need the task's activations (the runner's memory pass)."""

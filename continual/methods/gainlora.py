@@ -35,7 +35,7 @@ from torch import nn
 from adapters_store.loaders.gainlora import gate_values
 
 from ..export import write_kind
-from ..gpm import gpm_threshold, gpm_update_cov, project_off
+from ..gpm import Projected, gpm_threshold, gpm_update_cov, keep_changes_off, project_off
 from . import register_method
 from .base import Method
 
@@ -87,7 +87,7 @@ class GainLoRA(Method):
         self._start: dict[str, torch.Tensor] = {}
         self._recorded: dict[str, torch.Tensor] | None = None
         self._aim_key = False
-        self._old_rows: dict[str, torch.Tensor] = {}  # module path -> orthonormal basis (in, R_old) of old A rows
+        self._projected: list[Projected] = []  # what stays off what old tasks use (``_projections``)
         self.t = 0
 
     def begin_task(self, t: int) -> list[nn.Parameter]:
@@ -97,9 +97,6 @@ class GainLoRA(Method):
         for layer in self.layers.values():
             i = layer.add_branch(self.cfg.rank, self.gen)
             params += [layer.As[i], layer.Bs[i]]
-        self._old_rows = {path: torch.linalg.qr(torch.cat(list(layer.As)[:-1]).float().t())[0]
-                          for path, layer in self.layers.items()} if t > 0 else {}
-        self._keep_new_rows_orthogonal()
         for k in self.gate.keys:
             k.requires_grad_(False)
         key = torch.randn(self.cfg.gate_dim, generator=self.gen).to(self.device)
@@ -108,11 +105,25 @@ class GainLoRA(Method):
         self._aim_key = True  # at the first training batch (``set_batch``)
         self._start = {"W1": self.gate.W1.detach().clone(), "W2": self.gate.W2.detach().clone(),
                        "key": self.gate.keys[-1].detach().clone()}
+        self._projected = self._projections(t)
+        keep_changes_off(self._projected)  # the new A rows start off the old ones
         # At task 0 a single branch has nothing to tell apart, and training W1, W2 would collapse h onto k_0.
         mlp = [self.gate.W1, self.gate.W2] if t > 0 else []
         for p in mlp:
             p.requires_grad_(True)
         return params + mlp + [self.gate.keys[-1]]
+
+    def _projections(self, t: int) -> list[Projected]:
+        """Each new A itself off its module's old branch rows (an orthonormal basis of them), and the change of W1,
+        W2 and the new key since the task began off the old tasks' U_p, U_z, U_h; nothing at task 0."""
+        if t == 0:
+            return []
+        rows = [(layer.As[-1], None, torch.linalg.qr(torch.cat(list(layer.As)[:-1]).float().t())[0])
+                for layer in self.layers.values()]
+        gate = [(self.gate.W1, self._start["W1"], self.bases.get("p")),
+                (self.gate.W2, self._start["W2"], self.bases.get("z")),
+                (self.gate.keys[-1], self._start["key"], self.bases.get("h"))]
+        return rows + [entry for entry in gate if entry[2] is not None]
 
     def param_groups(self, params: list[nn.Parameter]) -> list[dict]:
         return self.own_lr_groups(params, list(self.gate.parameters()), self.cfg.gate_lr or self.cfg.lr)
@@ -137,25 +148,12 @@ class GainLoRA(Method):
         if aim.norm() > 1e-6:
             key = self.gate.keys[-1]
             key.copy_(aim / aim.norm())
-            self._start["key"] = key.detach().clone()
+            self._start["key"].copy_(key)  # in place: ``_projected`` holds it
 
-    @torch.no_grad()
-    def _keep_new_rows_orthogonal(self) -> None:
-        for path, Q in self._old_rows.items():
-            A = self.layers[path].As[-1]
-            A.copy_(project_off(A, Q))
-
-    @torch.no_grad()
     def after_step(self) -> None:
         """Keep the new A's rows off the old ones, and W1, W2 and the new key's change since the task began off
         the old tasks' subspaces."""
-        self._keep_new_rows_orthogonal()
-        if not self.bases:
-            return
-        W1, W2, key = self.gate.W1, self.gate.W2, self.gate.keys[-1]
-        W1.copy_(self._start["W1"] + project_off(W1 - self._start["W1"], self.bases.get("p")))
-        W2.copy_(self._start["W2"] + project_off(W2 - self._start["W2"], self.bases.get("z")))
-        key.copy_(self._start["key"] + project_off((key - self._start["key"])[None], self.bases.get("h"))[0])
+        keep_changes_off(self._projected)
 
     def end_task(self, t: int) -> None:
         self.freeze_all()
