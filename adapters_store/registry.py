@@ -30,8 +30,9 @@ class AdapterRegistry:
 
     def __init__(self, store: AdapterStore, max_cpu_loras: int, hooks: object | None = None,
                  prepare: Callable[[AdapterWeights], object] | None = None) -> None:
-        """``prepare`` runs on weights as they enter the CPU tier, on the caller's thread (the server converts
-        them to slot form there, so the engine thread only copies)."""
+        """``prepare`` runs on weights read from the store as they enter the CPU tier, on the caller's thread
+        (the server converts them to slot form there, so the engine thread only copies). A version registered
+        here enters unprepared: see ``_keep``."""
         self.store = store
         self.max_cpu = max_cpu_loras
         self.hooks = hooks
@@ -87,12 +88,12 @@ class AdapterRegistry:
         t0 = time.perf_counter()
         w = self.store.load(key[0], key[1])
         self._hook("adapter_loaded", key[0], "cpu", time.perf_counter() - t0)
+        if self.prepare is not None:
+            self.prepare(w)
         self._put(key, w)
         return w
 
     def _put(self, key: tuple[str, int], w: AdapterWeights) -> None:
-        if self.prepare is not None:
-            self.prepare(w)
         with self._lock:
             self._cpu[key] = w
             self._cpu.move_to_end(key)
@@ -127,7 +128,10 @@ class AdapterRegistry:
         return m
 
     def _keep(self, manifest: Manifest, weights: AdapterWeights) -> None:
-        """The weights the store decoded to validate a new version go straight into the CPU tier."""
+        """The weights the store decoded to validate a new version go straight into the CPU tier, unprepared:
+        this runs inside the register call, which a client waits on before its first request. Measured in the
+        server (SmolLM2, r 16 on q/k/v/o, 1000 adapters registered): preparing here took 11-32 ms of that call,
+        while the engine converts the pairs module by module as it writes them into a slot in 6-17 ms, once."""
         self._put((manifest.name, manifest.version), weights)
 
     def prefetch(self, key: tuple[str, int]) -> None:

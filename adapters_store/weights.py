@@ -69,6 +69,10 @@ class AdapterWeights:
             self._slot_forms[dtype] = ready
         return ready
 
+    def converted(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+        """``slot_ready(dtype)`` if it has been computed, else None (computing nothing)."""
+        return self._slot_forms.get(dtype)
+
     def nbytes(self) -> int:
         return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in self.modules.values())
 

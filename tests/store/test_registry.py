@@ -39,3 +39,16 @@ def test_failed_registration_leaves_cpu_tier_untouched(store: AdapterStore, make
         reg.register_dir("alpha", make_adapter(seed=2, fill=float("nan")))
     assert reg.cpu_keys() == [("alpha", good.version)]
     assert reg.resolve("alpha").version == good.version
+
+
+def test_store_loads_are_prepared_but_a_registration_is_not(store: AdapterStore, make_adapter) -> None:
+    """``prepare`` (the server's slot-form conversion) runs on weights read from the store, off the engine
+    thread; a version registered here enters the tier unprepared, so the register call does not pay for it."""
+    prepared: list[int] = []
+    reg = AdapterRegistry(store, max_cpu_loras=4, prepare=lambda w: prepared.append(w.meta["version"]))
+    m = reg.register_dir("alpha", make_adapter(seed=3))
+    assert reg.cpu_keys() == [("alpha", m.version)] and prepared == []
+
+    cold = AdapterRegistry(store, max_cpu_loras=4, prepare=lambda w: prepared.append(w.meta["version"]))
+    cold.weights(("alpha", m.version))  # read from the store: prepared before it enters the tier
+    assert prepared == [m.version]
