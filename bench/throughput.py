@@ -7,7 +7,12 @@
   (e) vLLM (--vllm-url: a vLLM server on this machine; the bench loads the 8 adapters into it), base and mixed
 Also: seconds from process start to /ready (model cache present) and resident memory at idle.
 
-Usage: python bench/throughput.py [--requests 64] [--concurrency 16] [--naive-requests 16] [--vllm-url URL]
+Every path runs --repeats rounds (default 3), interleaved within each round, each round on prompts of its own;
+the table gives the median and range of each path and the ratios of the medians. On this shared 2-core VM one
+path's tok/s moves by 10-15% from one run to the next, more than some of the margins the targets leave.
+
+Usage: python bench/throughput.py [--requests 64] [--concurrency 16] [--naive-requests 16] [--repeats 3]
+                                  [--vllm-url URL]
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import httpx
 import torch
@@ -99,16 +106,6 @@ def peft_mixed(model, tok, names, prompts, new_tokens, batch, device) -> tuple[f
     return time.perf_counter() - t0, toks
 
 
-def base_and_mixed(url: str, base_id: str, names: list[str], prompts: list[str], new_tokens: int,
-                   concurrency: int, labels: tuple[str, str]) -> list[tuple[str, float, int]]:
-    """One server's two rows, measured alike for clora and vLLM: a short warm-up of each path, then every
-    prompt on the base model and every prompt spread over ``names``."""
-    paths = ((labels[0], lambda i: base_id), (labels[1], lambda i: names[i % len(names)]))
-    for _, model_for in paths:
-        http_run(url, model_for, prompts[:16], 4, concurrency)  # warm-up
-    return [(label, *http_run(url, model_for, prompts, new_tokens, concurrency)) for label, model_for in paths]
-
-
 def load_into_vllm(url: str, adapters: dict[str, Path]) -> None:
     """Load each adapter into a vLLM server on this machine under its name (the server needs
     ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``); one it already holds under that name is replaced."""
@@ -120,12 +117,36 @@ def load_into_vllm(url: str, adapters: dict[str, Path]) -> None:
                 raise SystemExit(f"vLLM refused adapter {name}: {r.status_code} {r.text}")
 
 
+def http_paths(url: str, base_id: str, names: list[str], new_tokens: int, concurrency: int,
+               labels: tuple[str, str]) -> list[tuple[str, Callable[[list[str]], tuple[float, int]]]]:
+    """One server's two rows, measured alike for clora and vLLM: every prompt on the base model, and every
+    prompt spread over ``names``."""
+    return [(labels[0], lambda ps: http_run(url, lambda i: base_id, ps, new_tokens, concurrency)),
+            (labels[1], lambda ps: http_run(url, lambda i: names[i % len(names)], ps, new_tokens, concurrency))]
+
+
+def measure(paths: list[tuple[str, Callable[[list[str]], tuple[float, int]]]], warm: list[str],
+            rounds: list[list[str]], warm_up: Callable[[str, list[str]], None]) -> dict[str, list[float]]:
+    """tok/s of every path in every round, the paths interleaved within a round (so a slow phase of the machine
+    falls on all of them), each round on prompts of its own (no cache or prefix reuse across rounds)."""
+    for label, _ in paths:
+        warm_up(label, warm)
+    out: dict[str, list[float]] = {label: [] for label, _ in paths}
+    for r, prompts in enumerate(rounds):
+        for label, run in paths:
+            secs, toks = run(prompts)
+            out[label].append(toks / secs)
+            print(f"round {r + 1}: {label:58s} {toks / secs:9.1f} tok/s", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--naive-requests", type=int, default=16, help="(c) is slow: time this many, report tok/s")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every path; medians are reported")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
@@ -145,7 +166,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    prompts = make_prompts(tok, args.requests)
+    n, new = args.requests, args.new_tokens
+    prompts = make_prompts(tok, n * args.repeats + 16)
+    warm, rounds = prompts[-16:], [prompts[r * n:(r + 1) * n] for r in range(args.repeats)]
     work = Path(tempfile.mkdtemp(prefix="clora-bench-"))
     adapters = {}
     for i in range(8):
@@ -158,48 +181,56 @@ def main() -> None:
            "CLORA_MAX_BATCH_SIZE": str(args.concurrency), "CLORA_MAX_LORAS": "8"}
     if args.threads:
         env["CLORA_NUM_THREADS"] = str(args.threads)
-    rows: list[tuple[str, float, int]] = []
     t_start = time.perf_counter()
     with ServerProcess(env, work / "server.log") as srv:
         ready_s = time.perf_counter() - t_start
         time.sleep(1.0)
         rss_idle = srv.rss_bytes()
         base_id = httpx.get(srv.url + "/ready").json()["model"]
-        rows += base_and_mixed(srv.url, base_id, names, prompts, args.new_tokens, args.concurrency,
-                               ("(a) clora base only", "(b) clora mixed 8 adapters"))
-    if not args.skip_peft:
-        model = peft_model(model_dir, adapters, dtype, str(device))
-        n = args.naive_requests
-        rows.append((f"(c) PEFT set_adapter+generate, 1 at a time ({n} req)",
-                     *peft_naive(model, tok, names, prompts[:n], args.new_tokens, device)))
-        rows.append(("(d) PEFT mixed batch adapter_names",
-                     *peft_mixed(model, tok, names, prompts, args.new_tokens, args.concurrency, device)))
-        del model
-    if args.vllm_url:
-        vm = args.vllm_model or httpx.get(args.vllm_url + "/v1/models").json()["data"][0]["id"]
-        load_into_vllm(args.vllm_url, adapters)
-        rows += base_and_mixed(args.vllm_url, vm, names, prompts, args.new_tokens, args.concurrency,
-                               ("(e) vLLM base only", "(e) vLLM mixed 8 adapters"))
+        paths = http_paths(srv.url, base_id, names, new, args.concurrency,
+                           ("(a) clora base only", "(b) clora mixed 8 adapters"))
+        model = None
+        if not args.skip_peft:
+            model = peft_model(model_dir, adapters, dtype, str(device))
+            k = args.naive_requests
+            paths += [(f"(c) PEFT set_adapter+generate, 1 at a time ({k} req)",
+                       lambda ps: peft_naive(model, tok, names, ps[:k], new, device)),
+                      ("(d) PEFT mixed batch adapter_names",
+                       lambda ps: peft_mixed(model, tok, names, ps, new, args.concurrency, device))]
+        if args.vllm_url:
+            vm = args.vllm_model or httpx.get(args.vllm_url + "/v1/models").json()["data"][0]["id"]
+            load_into_vllm(args.vllm_url, adapters)
+            paths += http_paths(args.vllm_url, vm, names, new, args.concurrency,
+                                ("(e) vLLM base only", "(e) vLLM mixed 8 adapters"))
 
-    tps = {}
-    print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} requests={args.requests} "
-          f"concurrency={args.concurrency} new_tokens={args.new_tokens}")
-    print(f"{'path':58s} {'seconds':>9s} {'tokens':>7s} {'tok/s':>9s}")
-    for name, secs, toks in rows:
-        tps[name[:3]] = toks / secs
-        print(f"{name:58s} {secs:9.2f} {toks:7d} {toks / secs:9.1f}")
-    a, b = tps.get("(a)"), tps.get("(b)")
-    print("\nratios:")
-    if a and b:
-        print(f"  (b)/(a) mixed vs base          = {b / a:.2f}   (target >= 0.85)")
-    if b and "(c)" in tps:
-        print(f"  (b)/(c) vs naive PEFT          = {b / tps['(c)']:.1f}   (target >= 10)")
-    if b and "(d)" in tps:
-        print(f"  (b)/(d) vs PEFT mixed batch    = {b / tps['(d)']:.2f}   (target >= 1.5)")
-    vl = [(n, s, t) for n, s, t in rows if n.startswith("(e)")]
-    if vl and a and b:
-        print(f"  (a)/vLLM base                  = {a / (vl[0][2] / vl[0][1]):.2f}   (target >= 1.0)")
-        print(f"  (b)/vLLM mixed                 = {b / (vl[1][2] / vl[1][1]):.2f}   (target >= 3)")
+        def warm_up(label: str, ps: list[str]) -> None:
+            if label.startswith(("(c)", "(d)")):
+                peft_mixed(model, tok, names, ps[:4], 4, 4, device)
+                return
+            url, model_id = (args.vllm_url, vm) if label.startswith("(e)") else (srv.url, base_id)
+            mixed = "mixed" in label
+            http_run(url, lambda i: names[i % len(names)] if mixed else model_id, ps, 4, args.concurrency)
+
+        tps = measure(paths, warm, rounds, warm_up)
+        del model
+
+    print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} requests={n} "
+          f"concurrency={args.concurrency} new_tokens={new} rounds={args.repeats} (paths interleaved in each)")
+    print(f"{'path':58s} {'median tok/s':>12s} {'min':>7s} {'max':>7s}")
+    for label, v in tps.items():
+        print(f"{label:58s} {statistics.median(v):12.1f} {min(v):7.1f} {max(v):7.1f}")
+    print("\nratios of the medians:")
+    for name, x, y, target in (("(b)/(a) mixed vs base", "(b)", "(a)", ">= 0.85"),
+                               ("(b)/(c) vs naive PEFT", "(b)", "(c)", ">= 10"),
+                               ("(b)/(d) vs PEFT mixed batch", "(b)", "(d)", ">= 1.5"),
+                               ("(a)/vLLM base", "(a)", "(e) vLLM base", ">= 1.0"),
+                               ("(b)/vLLM mixed", "(b)", "(e) vLLM mixed", ">= 3")):
+        xs = next((v for label, v in tps.items() if label.startswith(x)), None)
+        ys = next((v for label, v in tps.items() if label.startswith(y)), None)
+        if xs and ys:
+            rounds_ratio = [a / b for a, b in zip(xs, ys)]
+            print(f"  {name:31s}= {statistics.median(xs) / statistics.median(ys):.2f}   (target {target}; "
+                  f"within a round {min(rounds_ratio):.2f} to {max(rounds_ratio):.2f})")
     print(f"\nstart to /ready: {ready_s:.1f} s (goal <= 10 s)   idle RSS: {rss_idle / 2**30:.2f} GiB (goal <= 1.5)")
 
 
