@@ -117,24 +117,26 @@ def load_into_vllm(url: str, adapters: dict[str, Path]) -> None:
                 raise SystemExit(f"vLLM refused adapter {name}: {r.status_code} {r.text}")
 
 
-def http_paths(url: str, base_id: str, names: list[str], new_tokens: int, concurrency: int,
-               labels: tuple[str, str]) -> list[tuple[str, Callable[[list[str]], tuple[float, int]]]]:
+Measured = tuple[str, Callable[[list[str], int], tuple[float, int]]]  # label, run(prompts, new tokens) -> (s, tokens)
+
+
+def http_paths(url: str, base_id: str, names: list[str], concurrency: int, labels: tuple[str, str]) -> list[Measured]:
     """One server's two rows, measured alike for clora and vLLM: every prompt on the base model, and every
     prompt spread over ``names``."""
-    return [(labels[0], lambda ps: http_run(url, lambda i: base_id, ps, new_tokens, concurrency)),
-            (labels[1], lambda ps: http_run(url, lambda i: names[i % len(names)], ps, new_tokens, concurrency))]
+    return [(labels[0], lambda ps, new: http_run(url, lambda i: base_id, ps, new, concurrency)),
+            (labels[1], lambda ps, new: http_run(url, lambda i: names[i % len(names)], ps, new, concurrency))]
 
 
-def measure(paths: list[tuple[str, Callable[[list[str]], tuple[float, int]]]], warm: list[str],
-            rounds: list[list[str]], warm_up: Callable[[str, list[str]], None]) -> dict[str, list[float]]:
-    """tok/s of every path in every round, the paths interleaved within a round (so a slow phase of the machine
-    falls on all of them), each round on prompts of its own (no cache or prefix reuse across rounds)."""
-    for label, _ in paths:
-        warm_up(label, warm)
+def measure(paths: list[Measured], warm: list[str], rounds: list[list[str]], new_tokens: int) -> dict[str, list[float]]:
+    """tok/s of every path in every round, after a short warm-up of each: the paths interleaved within a round
+    (so a slow phase of the machine falls on all of them), each round on prompts of its own (no cache or prefix
+    reuse across rounds)."""
+    for _, run in paths:
+        run(warm, 4)
     out: dict[str, list[float]] = {label: [] for label, _ in paths}
     for r, prompts in enumerate(rounds):
         for label, run in paths:
-            secs, toks = run(prompts)
+            secs, toks = run(prompts, new_tokens)
             out[label].append(toks / secs)
             print(f"round {r + 1}: {label:58s} {toks / secs:9.1f} tok/s", flush=True)
     return out
@@ -166,7 +168,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    n, new = args.requests, args.new_tokens
+    n = args.requests
     prompts = make_prompts(tok, n * args.repeats + 16)
     warm, rounds = prompts[-16:], [prompts[r * n:(r + 1) * n] for r in range(args.repeats)]
     work = Path(tempfile.mkdtemp(prefix="clora-bench-"))
@@ -187,35 +189,26 @@ def main() -> None:
         time.sleep(1.0)
         rss_idle = srv.rss_bytes()
         base_id = httpx.get(srv.url + "/ready").json()["model"]
-        paths = http_paths(srv.url, base_id, names, new, args.concurrency,
+        paths = http_paths(srv.url, base_id, names, args.concurrency,
                            ("(a) clora base only", "(b) clora mixed 8 adapters"))
         model = None
         if not args.skip_peft:
             model = peft_model(model_dir, adapters, dtype, str(device))
             k = args.naive_requests
             paths += [(f"(c) PEFT set_adapter+generate, 1 at a time ({k} req)",
-                       lambda ps: peft_naive(model, tok, names, ps[:k], new, device)),
+                       lambda ps, new: peft_naive(model, tok, names, ps[:k], new, device)),
                       ("(d) PEFT mixed batch adapter_names",
-                       lambda ps: peft_mixed(model, tok, names, ps, new, args.concurrency, device))]
+                       lambda ps, new: peft_mixed(model, tok, names, ps, new, args.concurrency, device))]
         if args.vllm_url:
             vm = args.vllm_model or httpx.get(args.vllm_url + "/v1/models").json()["data"][0]["id"]
             load_into_vllm(args.vllm_url, adapters)
-            paths += http_paths(args.vllm_url, vm, names, new, args.concurrency,
+            paths += http_paths(args.vllm_url, vm, names, args.concurrency,
                                 ("(e) vLLM base only", "(e) vLLM mixed 8 adapters"))
-
-        def warm_up(label: str, ps: list[str]) -> None:
-            if label.startswith(("(c)", "(d)")):
-                peft_mixed(model, tok, names, ps[:4], 4, 4, device)
-                return
-            url, model_id = (args.vllm_url, vm) if label.startswith("(e)") else (srv.url, base_id)
-            mixed = "mixed" in label
-            http_run(url, lambda i: names[i % len(names)] if mixed else model_id, ps, 4, args.concurrency)
-
-        tps = measure(paths, warm, rounds, warm_up)
+        tps = measure(paths, warm, rounds, args.new_tokens)
         del model
 
     print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} requests={n} "
-          f"concurrency={args.concurrency} new_tokens={new} rounds={args.repeats} (paths interleaved in each)")
+          f"concurrency={args.concurrency} new_tokens={args.new_tokens} rounds={args.repeats} (paths interleaved in each)")
     print(f"{'path':58s} {'median tok/s':>12s} {'min':>7s} {'max':>7s}")
     for label, v in tps.items():
         print(f"{label:58s} {statistics.median(v):12.1f} {min(v):7.1f} {max(v):7.1f}")
