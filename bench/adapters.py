@@ -5,10 +5,11 @@
 2. Store -> slot load: mean of the engine's slot loads (``clora_adapter_load_seconds{tier="slot"}``, from the
    store through the CPU tier, measured in-process by the server) and of a cold load measured here directly.
 3. Many adapters: --many registered adapters (dropped into the store dir and adopted at start-up), Zipf(1.0)
-   traffic over them, 8 slots, 64 CPU-tier entries; throughput vs the same load spread over 8 adapters, and
-   the rows per decode step an idealised engine could reach on the same trace with 8 slots (``slot_bound``).
+   traffic over them, 8 slots, 64 CPU-tier entries; throughput vs the same load spread over 8 adapters (medians
+   of --repeats rounds, each on prompts and a Zipf trace of its own), and the rows per decode step an idealised
+   engine could reach on those traces with 8 slots (``slot_bound``).
 
-Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--concurrency 16]
+Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--concurrency 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of (8 adapters, Zipf), each on prompts and a Zipf trace of its own; medians reported")
     args = ap.parse_args()
 
     from transformers import AutoConfig, AutoTokenizer
@@ -173,7 +176,9 @@ def main() -> None:
     env = {"CLORA_ADAPTERS_DIR": str(store), "CLORA_MODEL_CACHE_DIR": str(cache), "CLORA_ROUTER": "hint",
            "CLORA_ADMIN_TOKEN": TOKEN, "CLORA_MAX_LORAS": "8", "CLORA_MAX_CPU_LORAS": "64",
            "CLORA_MAX_BATCH_SIZE": str(args.concurrency)}
-    prompts = make_prompts(tok, args.requests)
+    n = args.requests
+    prompts = make_prompts(tok, n * args.repeats + 16)
+    warm, rounds = prompts[-16:], [prompts[r * n:(r + 1) * n] for r in range(args.repeats)]
     t0 = time.perf_counter()
     with ServerProcess(env, work / "server.log", ready_timeout=1800) as srv:
         print(f"start-up with {args.many} adapters adopted: {time.perf_counter() - t0:.1f} s")
@@ -182,14 +187,18 @@ def main() -> None:
         os.sync()  # the set-up wrote GBs (sources + adopted copies): their writeback is not the register's fsync
         hot, registered = hot_register(srv, hot_src)
         slot_avg = slot_load_mean(srv)
-        http_run(srv.url, lambda i: names[i % 8], prompts[:16], 4, args.concurrency)  # warm-up
-        m0 = scrape(srv, *OCCUPANCY)
-        s8, t8 = http_run(srv.url, lambda i: names[i % 8], prompts, args.new_tokens, args.concurrency)
-        m1 = scrape(srv, *OCCUPANCY)
-        picks = zipf_choices(len(names), len(prompts))
-        sz, tz = http_run(srv.url, lambda i: names[picks[i]], prompts, args.new_tokens, args.concurrency)
-        m2 = scrape(srv, *OCCUPANCY)
-        distinct = len(set(picks))
+        http_run(srv.url, lambda i: names[i % 8], warm, 4, args.concurrency)  # warm-up
+        uniform, zipf = [], []  # per round: (tok/s, rows per decode step, slot loads, picks)
+        for r, ps in enumerate(rounds):
+            m0 = scrape(srv, *OCCUPANCY)
+            secs, toks = http_run(srv.url, lambda i: names[i % 8], ps, args.new_tokens, args.concurrency)
+            m1 = scrape(srv, *OCCUPANCY)
+            picks = zipf_choices(len(names), len(ps), seed=r)
+            zsecs, ztoks = http_run(srv.url, lambda i: names[picks[i]], ps, args.new_tokens, args.concurrency)
+            m2 = scrape(srv, *OCCUPANCY)
+            uniform.append((toks / secs, *occupancy(m0, m1), None))
+            zipf.append((ztoks / zsecs, *occupancy(m1, m2), picks))
+            print(f"round {r + 1}: 8 adapters {uniform[-1][0]:.1f} tok/s, Zipf {zipf[-1][0]:.1f} tok/s", flush=True)
         slot_avg_after = slot_load_mean(srv)
     shutil.rmtree(work, ignore_errors=True)  # GBs with --many 1000: left behind, they slow later runs' fsyncs
     print(f"\nhot register -> first token (r=16, q/k/v/o, {len(hot)} adapters): p50 {statistics.median(hot) * 1e3:.0f} ms, "
@@ -198,15 +207,22 @@ def main() -> None:
     if slot_avg is not None:
         print(f"store/CPU tier -> slot load, mean over the hot loads: {slot_avg * 1e3:.1f} ms; over the whole run: "
               f"{(slot_avg_after or 0) * 1e3:.1f} ms   (target <= 30 ms)")
-    (rows8, loads8), (rowsz, loadsz) = occupancy(m0, m1), occupancy(m1, m2)
-    print(f"8 adapters, uniform:        {t8 / s8:7.1f} tok/s  {rows8:5.1f} rows per decode step, "
-          f"{loads8:.0f} slot loads")
-    print(f"{args.many} adapters, Zipf(1.0): {tz / sz:7.1f} tok/s  {rowsz:5.1f} rows per decode step, "
-          f"{loadsz:.0f} slot loads ({distinct} distinct adapters in {len(picks)} requests)")
-    print(f"ratio Zipf/8-adapter = {(tz / sz) / (t8 / s8):.2f}   (target >= 0.8)")
-    print(f"bound on this trace, free loads and prefill: {slot_bound(picks, 8, args.concurrency, args.new_tokens):.1f} "
-          f"rows per decode step with 8 slots, {slot_bound(picks, len(names), args.concurrency, args.new_tokens):.1f} "
-          "with a slot for every adapter")
+    def med(runs: list[tuple], k: int) -> float:
+        return statistics.median(run[k] for run in runs)
+
+    distinct = statistics.median(len(set(run[3])) for run in zipf)
+    print(f"medians over {args.repeats} rounds (each: the 8-adapter run, then a Zipf trace of its own):")
+    print(f"8 adapters, uniform:        {med(uniform, 0):7.1f} tok/s  {med(uniform, 1):5.1f} rows per decode step, "
+          f"{med(uniform, 2):.0f} slot loads")
+    print(f"{args.many} adapters, Zipf(1.0): {med(zipf, 0):7.1f} tok/s  {med(zipf, 1):5.1f} rows per decode step, "
+          f"{med(zipf, 2):.0f} slot loads ({distinct:.0f} distinct adapters in {n} requests)")
+    per_round = [z[0] / u[0] for z, u in zip(zipf, uniform)]
+    print(f"ratio Zipf/8-adapter = {med(zipf, 0) / med(uniform, 0):.2f}   (target >= 0.8; within a round "
+          f"{min(per_round):.2f} to {max(per_round):.2f})")
+    bound8 = statistics.median(slot_bound(z[3], 8, args.concurrency, args.new_tokens) for z in zipf)
+    bound_all = statistics.median(slot_bound(z[3], len(names), args.concurrency, args.new_tokens) for z in zipf)
+    print(f"bound on these traces, free loads and prefill: {bound8:.1f} rows per decode step with 8 slots, "
+          f"{bound_all:.1f} with a slot for every adapter")
 
 
 if __name__ == "__main__":
