@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
@@ -72,6 +72,13 @@ class AdapterWeights:
     def converted(self, dtype: torch.dtype) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         """``slot_ready(dtype)`` if it has been computed, else None (computing nothing)."""
         return self._slot_forms.get(dtype)
+
+    def each_slot_form(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(path, A, Bs)`` of every module in slot form: from ``slot_ready`` when it has been computed, else
+        converted one module at a time as the caller consumes them (nothing kept)."""
+        ready = self.converted(dtype)
+        for path, pair in self.modules.items():
+            yield (path, *(ready[path] if ready is not None else pair.slot_form(dtype)))
 
     def nbytes(self) -> int:
         return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in self.modules.values())

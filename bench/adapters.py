@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.throughput import http_run, make_prompts  # noqa: E402
+from bench.throughput import http_run, make_prompts, ratio_of_medians  # noqa: E402
 from base_model.loader import DEFAULT_CACHE_DIR  # noqa: E402
 from tests.server_proc import ServerProcess  # noqa: E402
 
@@ -216,9 +216,8 @@ def main() -> None:
           f"{med(uniform, 2):.0f} slot loads")
     print(f"{args.many} adapters, Zipf(1.0): {med(zipf, 0):7.1f} tok/s  {med(zipf, 1):5.1f} rows per decode step, "
           f"{med(zipf, 2):.0f} slot loads ({distinct:.0f} distinct adapters in {n} requests)")
-    per_round = [z[0] / u[0] for z, u in zip(zipf, uniform)]
-    print(f"ratio Zipf/8-adapter = {med(zipf, 0) / med(uniform, 0):.2f}   (target >= 0.8; within a round "
-          f"{min(per_round):.2f} to {max(per_round):.2f})")
+    print(f"ratio Zipf/8-adapter = {ratio_of_medians([z[0] for z in zipf], [u[0] for u in uniform])}   "
+          "(target >= 0.8)")
     bound8 = statistics.median(slot_bound(z[3], 8, args.concurrency, args.new_tokens) for z in zipf)
     bound_all = statistics.median(slot_bound(z[3], len(names), args.concurrency, args.new_tokens) for z in zipf)
     print(f"bound on these traces, free loads and prefill: {bound8:.1f} rows per decode step with 8 slots, "

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapters_store.kinds import load_adapter_dir  # noqa: E402
+from bench.throughput import ratio_of_medians  # noqa: E402
 from base_model.loader import DEFAULT_CACHE_DIR, embedded_model_dir, load_base_model, pick_device, pick_dtype  # noqa: E402
 from server.engine.build import build_engine  # noqa: E402
 from server.engine.lora_layers import build_lora_batch  # noqa: E402
@@ -77,13 +78,12 @@ def main() -> None:
             base.append(step_ms(engine, [-1] * args.rows, prompts, args.steps))
             mixed.append(step_ms(engine, [i % 8 for i in range(args.rows)], prompts, args.steps))
             print(f"round {r + 1}: base {base[-1]:.1f} ms, mixed {mixed[-1]:.1f} ms", flush=True)
-    ratios = [b / m for b, m in zip(base, mixed)]
     print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} rows={args.rows} "
           f"(mixed: 8 adapters, r 8 and 16, q/k/v/o)")
     print(f"decode step, median of {args.repeats} rounds: base {statistics.median(base):.1f} ms, "
           f"mixed {statistics.median(mixed):.1f} ms")
-    print(f"base/mixed step time = {statistics.median(base) / statistics.median(mixed):.2f} "
-          f"(within a round {min(ratios):.2f} to {max(ratios):.2f}): the decode share of (b)/(a) in bench/throughput.py")
+    print(f"base/mixed step time = {ratio_of_medians(base, mixed)}: the decode share of (b)/(a) in "
+          "bench/throughput.py")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,13 @@ def measure(paths: list[Measured], warm: list[str], rounds: list[list[str]], new
     return out
 
 
+def ratio_of_medians(xs: list[float], ys: list[float]) -> str:
+    """``median(xs) / median(ys)`` and the range of the same ratio within each round, as printed by the benches."""
+    per_round = [x / y for x, y in zip(xs, ys)]
+    return (f"{statistics.median(xs) / statistics.median(ys):.2f} "
+            f"(within a round {min(per_round):.2f} to {max(per_round):.2f})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=64)
@@ -221,9 +228,7 @@ def main() -> None:
         xs = next((v for label, v in tps.items() if label.startswith(x)), None)
         ys = next((v for label, v in tps.items() if label.startswith(y)), None)
         if xs and ys:
-            rounds_ratio = [a / b for a, b in zip(xs, ys)]
-            print(f"  {name:31s}= {statistics.median(xs) / statistics.median(ys):.2f}   (target {target}; "
-                  f"within a round {min(rounds_ratio):.2f} to {max(rounds_ratio):.2f})")
+            print(f"  {name:31s}= {ratio_of_medians(xs, ys)}   (target {target})")
     print(f"\nstart to /ready: {ready_s:.1f} s (goal <= 10 s)   idle RSS: {rss_idle / 2**30:.2f} GiB (goal <= 1.5)")
 
 

@@ -328,13 +328,8 @@ class Engine:
         return slot
 
     def _set_slot(self, slot: int, key: AdapterKey, w: AdapterWeights) -> None:
-        ready = w.converted(self.runner.dtype)
-        if ready is not None:  # converted in the CPU tier: a copy per module
-            for path, (A, Bs) in ready.items():
-                self.lora_layers[path].write_slot(slot, A, Bs)
-        else:  # a version just registered (see AdapterRegistry._keep): converted as it is written
-            for path, pair in w.modules.items():
-                self.lora_layers[path].set_slot(slot, pair.A, pair.B, pair.scale)
+        for path, A, Bs in w.each_slot_form(self.runner.dtype):  # a just-registered version converts here
+            self.lora_layers[path].write_slot(slot, A, Bs)
         self.slots.assign(slot, key, w.rank)
         if w.gate is not None:
             self._gates[slot], self._segments[slot] = w.gate, w.segments
