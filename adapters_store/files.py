@@ -16,8 +16,9 @@ from typing import BinaryIO
 
 from .loaders.peft_lora import CONVERT_HINT
 from .loaders.peft_lora import PICKLE_SUFFIXES as _PEFT_PICKLES
-from .validate import Problem
 from .errors import AdapterInvalid
+from .spares import SpareFiles
+from .validate import Problem
 
 KEPT_SUFFIXES = frozenset({".safetensors", ".json", ".md", ".txt"})
 PICKLE_SUFFIXES = frozenset(_PEFT_PICKLES) | {".pickle", ".joblib", ".npy", ".npz"}
@@ -116,14 +117,17 @@ class _TreeHash:
         return TreeDigest(self.files, self.files[self.weight_files[0]] if one else self.weights.hexdigest(), self.size)
 
 
-def copy_file(src: Path, dst: Path, tree: _TreeHash, rel: str) -> None:
+def copy_file(src: Path, dst: Path, tree: _TreeHash, rel: str, spares: SpareFiles | None = None) -> None:
     """Copy one file's bytes (no metadata, never following into anything but a regular file), hashing them on
-    the way. Not synced: see ``TreeSync``."""
-    with open(src, "rb") as fi, open(dst, "xb") as fo:
-        tree.stream(rel, fi, fo)
+    the way; over a spare file when one is ready (see spares.py). Not synced: see ``TreeSync``."""
+    with open(src, "rb") as fi:
+        reuse = spares is not None and spares.take(dst, os.fstat(fi.fileno()).st_size)
+        with open(dst, "r+b" if reuse else "xb") as fo:
+            tree.stream(rel, fi, fo)
+            fo.truncate()  # a spare may be longer than what was written
 
 
-def copy_plan(src: Path, dst: Path, plan: FilePlan) -> TreeDigest:
+def copy_plan(src: Path, dst: Path, plan: FilePlan, spares: SpareFiles | None = None) -> TreeDigest:
     """Copy the planned files with their digests taken from the bytes copied (no second read). The copy is not
     yet durable: sync it with ``TreeSync(dst)`` before it is committed."""
     rels = sorted(plan.kept)
@@ -131,7 +135,7 @@ def copy_plan(src: Path, dst: Path, plan: FilePlan) -> TreeDigest:
     for rel in rels:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        copy_file(src / rel, target, tree, rel)
+        copy_file(src / rel, target, tree, rel, spares)
     return tree.result()
 
 

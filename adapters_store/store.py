@@ -12,6 +12,7 @@ since names start with a letter or digit)::
       .store/.meta/<name>.last         highest version ever issued: versions are never reused, even after delete
       .store/.tmp/<id>/, <id>.lock     writes in progress, owned by a live writer's flock; stale ones go at open()
       .store/.trash/<id>/              deletions in progress (renamed away first, so readers never see half a tree)
+      .store/.spare/<id>.spare         zero-filled files that copies of large weights overwrite (see spares.py)
 
 A write copies (or unpacks) into ``.tmp``, loads the copy with the kind registry and validates it against the
 base model, then, holding the name's lock, picks ``N = max(.last, existing) + 1``, writes the manifest, fsyncs,
@@ -36,6 +37,7 @@ from .errors import AdapterError, AdapterIncompatible, AdapterInvalid, AdapterNo
 from .files import TreeDigest, TreeSync, copy_plan, digest_tree, fsync_dir, plan_dir, write_synced
 from .kinds import KIND_FILE, load_adapter_dir
 from .locks import NameLocks, owned_tempdir, remove_abandoned
+from .spares import SpareFiles
 from .spec import BaseModelSpec, Manifest, utc_now
 from .validate import (Problem, adapter_problems, metadata_problems, name_problems, raise_problems,
                        size_problems)
@@ -60,12 +62,13 @@ class ScanReport:
 class AdapterStore:
     """Versioned adapters for one base model, in a local directory shared safely by threads and processes.
 
-    ``max_upload_bytes`` caps an adapter's files, packed (the archive) and unpacked alike. Errors are the
-    domain errors of ``errors.py``; nothing here knows about HTTP.
+    ``max_upload_bytes`` caps an adapter's files, packed (the archive) and unpacked alike; ``spare_files`` is how
+    many spare files copies may overwrite (0: none). Errors are the domain errors of ``errors.py``; nothing here
+    knows about HTTP.
     """
 
     def __init__(self, root: Path, base: BaseModelSpec, max_upload_bytes: int,
-                 max_archive_members: int = DEFAULT_MAX_MEMBERS) -> None:
+                 max_archive_members: int = DEFAULT_MAX_MEMBERS, spare_files: int = 2) -> None:
         self.root = Path(root)
         self.base = base
         self.max_upload_bytes = max_upload_bytes
@@ -74,12 +77,13 @@ class AdapterStore:
         for sub in (".meta", ".tmp", ".trash"):
             (self._dir / sub).mkdir(parents=True, exist_ok=True)
         self._locks = NameLocks(self._dir / ".meta")
+        self._spares = SpareFiles(self._dir / ".spare", spare_files)
 
     @classmethod
     def open(cls, root: Path, base: BaseModelSpec, max_upload_bytes: int,
-             max_archive_members: int = DEFAULT_MAX_MEMBERS) -> tuple["AdapterStore", ScanReport]:
+             max_archive_members: int = DEFAULT_MAX_MEMBERS, spare_files: int = 2) -> tuple["AdapterStore", ScanReport]:
         """Start-up: remove what dead writers left behind, then adopt the plain adapter dirs under ``root``."""
-        store = cls(root, base, max_upload_bytes, max_archive_members)
+        store = cls(root, base, max_upload_bytes, max_archive_members, spare_files)
         for name in remove_abandoned(store._dir / ".tmp"):
             log.info("removed an unfinished write %s", name)
         for entry in (store._dir / ".trash").iterdir():
@@ -233,7 +237,8 @@ class AdapterStore:
                 return existing, False
         with owned_tempdir(self._dir / ".tmp") as tmp:
             (tmp / "v").mkdir()
-            digest = copy_plan(src, tmp / "v" / "adapter", plan)
+            spares = self._spares if origin == "register" else None  # a client waits on a registration, not on adoption
+            digest = copy_plan(src, tmp / "v" / "adapter", plan, spares)
             with TreeSync(tmp / "v" / "adapter") as syncing:  # written back while the copy is validated
                 return self._validate_and_commit(name, tmp, problems, description, examples, origin, loaded,
                                                  digest, syncing)

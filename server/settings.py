@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     )
     admin_token: SecretStr | None = Field(None, description="Bearer token for /admin; unset disables admin.")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="Largest adapter upload (413 above).")
+    store_spare_files: int = Field(
+        2, ge=0, le=16, description="Pre-written files that registered weights overwrite (faster hot registration; 0: none).")
     router: str = Field("cascade", description="Router kind for model=auto: hint | tfidf | cascade | embedding | base-hidden | gates.")
     router_min_confidence: float = Field(0.5, ge=0.0, le=1.0)
     router_on_low_confidence: Literal["fallback", "reject"] = "fallback"

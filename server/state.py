@@ -47,7 +47,8 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     loaded = load_base_model(mc.base_model, mc.model_cache_dir, mc.device, mc.dtype, mc.num_threads)
     ec = settings.engine
     spec = BaseModelSpec.from_model(loaded.model, ec.target_modules, ec.max_lora_rank)
-    store, scan = AdapterStore.open(settings.adapters_dir, spec, settings.max_upload_bytes)
+    store, scan = AdapterStore.open(settings.adapters_dir, spec, settings.max_upload_bytes,
+                                    spare_files=settings.store_spare_files)
     for name, why in scan.skipped.items():
         log.warning("adapter dir %s not served: %s", name, why)
     registry = AdapterRegistry(store, ec.max_cpu_loras, hooks=metrics,
