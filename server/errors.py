@@ -23,6 +23,7 @@ from adapters_store.errors import (
 
 from .api.disconnect import ClientGone
 from .engine.requests import Overloaded
+from .engine.slots import NoSlotFree
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # first match wins
     (RouteRejected, 422, "routing_error"),
     (NotReady, 503, "service_unavailable"),
     (Overloaded, 503, "overloaded_error"),
+    (NoSlotFree, 409, "conflict_error"),
     (AdminDisabled, 403, "permission_error"),
     (Unauthorized, 401, "authentication_error"),
     (GenerationFailed, 500, "server_error"),
@@ -120,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(kind, str(exc.detail), None, exc.status_code), exc.status_code,
                             getattr(exc, "headers", None))
 
-    for cls in (AdapterError, ServerError, Overloaded, ClientGone):
+    for cls in (AdapterError, ServerError, Overloaded, NoSlotFree, ClientGone):
         app.add_exception_handler(cls, domain)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http)

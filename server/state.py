@@ -58,6 +58,7 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     router = make_configured_router(settings.routing, loaded, engine, registry)
     routing = RoutingService(settings.routing, registry, model_id, router, hooks=metrics,
                              state_dir=settings.adapters_dir / ".router")
+    registry.add_listener(lambda name, m: engine.stage_adapter((m.name, m.version)) if m is not None else None)
     registry.add_listener(routing.on_adapter_change)
     registry.add_listener(lambda name, m: engine.drop_adapter(name) if m is None else None)
     registry.add_listener(lambda name, m: metrics.set_known_adapters(registry.names()))

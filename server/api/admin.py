@@ -153,7 +153,7 @@ async def delete_adapter(name: str, core: Core, _: Admin) -> Response:
 async def _hold(core: AppState, name: str, held: bool) -> dict:
     m = core.registry.resolve(name)
     done = core.engine.hold_adapter((m.name, m.version), held)
-    await asyncio.to_thread(done.wait, 30)
+    await asyncio.to_thread(done.result, 30)  # NoSlotFree: 409
     return _manifest(core, m) | {"pinned": held}
 
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 AdapterKey = tuple[str, int]  # (name, version)
 
 
+class NoSlotFree(RuntimeError):
+    """Every compute slot is in use by running rows or pinned by an operator."""
+
+
 @dataclass
 class SlotInfo:
     key: AdapterKey

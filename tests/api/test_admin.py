@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import io
 import json
 import shutil
+import time
 import zipfile
 from pathlib import Path
 
@@ -161,6 +162,41 @@ def test_pin_unpin_and_vllm_aliases(admin_server, sources) -> None:
     assert httpx.post(srv.url + "/admin/adapters/nope/pin", headers=AUTH, timeout=60).status_code == 404
     r = httpx.post(srv.url + "/v1/unload_lora_adapter", headers=AUTH, timeout=60, json={"lora_name": "vl"})
     assert r.status_code == 200 and gen(srv, "vl").status_code == 404
+
+
+def resident_in_slot(srv, name: str, timeout_s: float = 10.0) -> bool:
+    """Whether ``name`` sits in a compute slot, waiting up to ``timeout_s`` for the engine to put it there."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if httpx.get(srv.url + f"/admin/adapters/{name}", headers=AUTH).json()["resident"]["slot"]:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def test_a_registered_adapter_takes_a_slot_before_its_first_request(admin_server, sources) -> None:
+    srv = admin_server
+    assert register_path(srv, "staged", sources["good2"]).status_code == 201
+    assert resident_in_slot(srv, "staged")  # no request has asked for it yet
+    r = gen(srv, "staged")
+    assert r.status_code == 200 and r.json()["route"]["adapter"] == "staged"
+
+
+def test_pins_never_give_way_and_a_pin_with_no_slot_left_is_a_409(tiny_llama_dir: Path, sources,
+                                                                  tmp_path: Path) -> None:
+    env = tiny_env(tiny_llama_dir, tmp_path / "store", CLORA_ADMIN_TOKEN=TOKEN, CLORA_MAX_LORAS="1")
+    with ServerProcess(env, tmp_path / "one-slot.log") as srv:
+        assert register_path(srv, "held", sources["good"]).status_code == 201
+        assert httpx.post(srv.url + "/admin/adapters/held/pin", headers=AUTH, timeout=60).json()["pinned"]
+        assert register_path(srv, "later", sources["good2"]).status_code == 201
+        assert not resident_in_slot(srv, "later", timeout_s=0.5)  # not staged over the pinned one
+
+        r = httpx.post(srv.url + "/admin/adapters/later/pin", headers=AUTH, timeout=60)
+
+        assert r.status_code == 409 and "CLORA_MAX_LORAS" in r.json()["error"]["message"]
+        assert resident_in_slot(srv, "held", timeout_s=0)
+        assert gen(srv, "held").status_code == 200  # the engine goes on
 
 
 def test_restart_brings_registered_adapters_back(tiny_llama_dir: Path, sources, tmp_path: Path) -> None:
