@@ -43,6 +43,7 @@ class LoraBatch:
     segments: list[tuple[int, int, int]] | None = None
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
     _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # flat_mask copies of this step
+    _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # rank_rows of this layout
 
     @property
     def active(self) -> bool:
@@ -50,7 +51,23 @@ class LoraBatch:
 
     def clear(self) -> None:
         self.mask, self.uniq_list, self.spans, self.segments, self.layout = None, [], [], None, ()
-        self._flat = {}
+        self._flat, self._rows = {}, {}
+
+    def rank_rows(self, buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rank rows of the batch's slots, side by side, from a layer's slot buffer ``buf (slots, R, f)``:
+        ``(Σ rank, f)``, written into ``out`` when given. One slot is a slice; several are one ``index_select``
+        (the row indices are built once per layout), whatever their number."""
+        R, f = buf.shape[1], buf.shape[2]
+        if len(self.uniq_list) == 1:
+            s, (_, r) = self.uniq_list[0], self.spans[0]
+            return buf[s, :r] if out is None else out.copy_(buf[s, :r])
+        key = (R, buf.device)
+        if key not in self._rows:
+            self._rows[key] = torch.tensor([s * R + i for s, (_, r) in zip(self.uniq_list, self.spans)
+                                            for i in range(r)], dtype=torch.long, device=buf.device)
+        flat = buf.view(-1, f)  # (slots · R, f)
+        return flat.index_select(0, self._rows[key]) if out is None else torch.index_select(
+            flat, 0, self._rows[key], out=out)
 
     def flat_mask(self, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask as ``(N·T, copies·Σ rank)`` in ``dtype``: one row per token, repeated for layers that share
@@ -97,6 +114,8 @@ def build_lora_batch(
             mask[i, first: first + r] = 1.0
         else:
             mask[i, first: first + w.numel()] = w.float()
+    if batch.layout != (tuple(uniq_list), tuple(spans)):
+        batch._rows = {}
     batch.mask = mask.unsqueeze(1).to(device=device, dtype=dtype)
     batch._flat = {}
     batch.uniq_list = uniq_list
@@ -173,9 +192,7 @@ class SlotLoRALinear(nn.Module):
 
     def gather(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """A_u (Σ rank, in) and B_u (Σ rank, out): the batch's slots side by side, in the slots' dtype."""
-        A_u = torch.cat([self.A[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)])
-        B_u = torch.cat([self.Bs[s, :r] for s, (_, r) in zip(b.uniq_list, b.spans)])
-        return A_u, B_u
+        return b.rank_rows(self.A), b.rank_rows(self.Bs)
 
     def _gathered(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """``gather`` in the compute dtype; reused while the slot layout and the slots are unchanged."""

@@ -72,13 +72,14 @@ class PackedLoraTerm:
         return entry[0], entry[1]
 
     def _gather(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [layer.gather(b) for layer in self.layers]  # [(S, in), (S, out_j)]
-        S = pairs[0][0].shape[0]
-        A = torch.cat([a for a, _ in pairs])  # (n·S, in)
-        B = A.new_zeros(sum(self.outs), len(pairs) * S)  # block diagonal, as a linear weight (out, n·S)
+        first = self.layers[0]
+        S, n = sum(r for _, r in b.spans), len(self.layers)
+        A = first.A.new_empty(n * S, first.in_features)  # the layers' A_u stacked: (n·S, in)
+        B = first.A.new_zeros(sum(self.outs), n * S)  # block diagonal, as a linear weight (out, n·S)
         row = 0
-        for j, ((_, bs), out) in enumerate(zip(pairs, self.outs)):
-            B[row: row + out, j * S: (j + 1) * S] = bs.T
+        for j, (layer, out) in enumerate(zip(self.layers, self.outs)):
+            b.rank_rows(layer.A, out=A[j * S: (j + 1) * S])
+            B[row: row + out, j * S: (j + 1) * S] = b.rank_rows(layer.Bs).T
             row += out
         return A, B
 
