@@ -9,7 +9,8 @@ since names start with a letter or digit)::
       .store/<name>/v<N>/manifest.json one registered version; written last, before the atomic rename
       .store/<name>/v<N>/adapter/      its files: safetensors + json/md/txt only, never pickle
       .store/.meta/<name>.lock         flock that serialises writers of <name> across processes
-      .store/.meta/<name>.last         highest version ever issued: versions are never reused, even after delete
+      .store/.meta/<name>.last         highest version a delete removed: with the versions still stored, it keeps a
+                                       deleted version's number from ever being issued again
       .store/.tmp/<id>/, <id>.lock     writes in progress, owned by a live writer's flock; stale ones go at open()
       .store/.trash/<id>/              deletions in progress (renamed away first, so readers never see half a tree)
       .store/.spare/<id>.spare         zero-filled files that copies of large weights overwrite (see spares.py)
@@ -126,6 +127,7 @@ class AdapterStore:
             dropped = self.root / name
             found = False
             if (self._dir / name).is_dir():
+                self._write_last(name, max([self._last(name), *self.versions(name)]))  # before they go
                 self._discard(self._dir / name)
                 found = True
             if _is_adapter_dir(dropped):
@@ -271,21 +273,27 @@ class AdapterStore:
                 examples=tuple(examples or ()), files=digest.files, origin=origin)
             write_synced(tmp / "v" / "manifest.json", manifest.to_json())
             fsync_dir(tmp / "v")
-            (self._dir / name).mkdir(exist_ok=True)
+            if not (self._dir / name).is_dir():
+                (self._dir / name).mkdir()
+                fsync_dir(self._dir)
             os.rename(tmp / "v", self._dir / name / f"v{version}")
             fsync_dir(self._dir / name)
-            last = self._dir / ".meta" / f"{name}.last"
-            write_synced(last.with_name(last.name + ".tmp"), str(version))
-            os.replace(last.with_name(last.name + ".tmp"), last)
-            fsync_dir(last.parent)
         if loaded is not None:
             loaded(manifest, _stamped(weights, manifest))
         return manifest, True
 
     def _next_version(self, name: str) -> int:
+        return max([self._last(name), *self.versions(name)]) + 1
+
+    def _last(self, name: str) -> int:
         last = self._dir / ".meta" / f"{name}.last"
-        issued = int(last.read_text()) if last.is_file() else 0
-        return max([issued, *self.versions(name)]) + 1
+        return int(last.read_text()) if last.is_file() else 0
+
+    def _write_last(self, name: str, version: int) -> None:
+        last = self._dir / ".meta" / f"{name}.last"
+        write_synced(last.with_name(last.name + ".tmp"), str(version))
+        os.replace(last.with_name(last.name + ".tmp"), last)
+        fsync_dir(last.parent)
 
     def _same_weights(self, name: str, sha256: str) -> Manifest | None:
         for v in reversed(self.versions(name)):
