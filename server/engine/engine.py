@@ -180,11 +180,7 @@ class Engine:
                 if target is None:
                     raise NoSlotFree(f"all {self.slots.num_slots} compute slots are in use or pinned; unpin one, "
                                      "or raise CLORA_MAX_LORAS")
-                slot, victim = target
-                weights = self.weights_for(key)
-                if victim is not None:
-                    self._clear_slot(slot)
-                self._set_slot(slot, key, weights)
+                slot = self._load_into(target, key, self.weights_for(key))
             if slot is not None:
                 self.slots.hold(slot, held)
 
