@@ -69,6 +69,22 @@ class LoraBatch:
         return flat.index_select(0, self._rows[key]) if out is None else torch.index_select(
             flat, 0, self._rows[key], out=out)
 
+    @property
+    def total_rank(self) -> int:
+        return sum(r for _, r in self.spans)
+
+    def segment_mask(self, u: int, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
+        """The mask of segment ``u``'s rows on its own slot's rank columns: ``(rows·T, copies·rank)`` in ``dtype``
+        (see ``flat_mask``); built once per step and shape."""
+        assert self.mask is not None and self.segments is not None
+        key = ("segment", u, T, copies, dtype)
+        if key not in self._flat:
+            _, start, end = self.segments[u]
+            first, r = self.spans[u]
+            m = self.mask[start:end, :, first:first + r].to(dtype).expand(end - start, T, r).reshape(-1, r)
+            self._flat[key] = torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
+        return self._flat[key]
+
     def flat_mask(self, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask as ``(N·T, copies·Σ rank)`` in ``dtype``: one row per token, repeated for layers that share
         one input (see packed_lora.py); built once per step and shape."""

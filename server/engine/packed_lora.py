@@ -14,9 +14,10 @@ attention module carries one.
 
 The gathered copies are rebuilt when the batch's slot layout or a slot changes (layers version their slots),
 and packed once that layout has lasted a few forwards (``PACK_AFTER``); between those, every step reuses them.
-A long prefill takes this path too, ignoring the per-adapter segments the float32 path uses: measured on
-SmolLM2 with 8 adapters, 16 prompts of 64 tokens prefill in 800 ms here against 930 ms segmented (base only:
-660 ms). bf16 on CPU only; everything else keeps the plain path.
+A long prefill whose rows come in per-adapter segments runs each segment on its own slot's copies instead
+(kept per slot the same way): no flops on other slots' ranks. Measured on SmolLM2 with 8 adapters, 16 prompts
+of 64 tokens: 953 ms against 1099 with the mask (base only: 831); see engine.SEGMENT_MIN_TOKENS for when.
+bf16 on CPU only; everything else keeps the plain path.
 """
 
 from __future__ import annotations
@@ -56,42 +57,71 @@ class PackedLoraTerm:
         self.batch: LoraBatch = layers[0].batch
         self.outs = [layer.out_features for layer in layers]
         self._copies: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [A, B, forwards], LRU order
+        self._slot_copies: OrderedDict[tuple, list] = OrderedDict()  # (slot, rank) key -> the same, one slot
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gathered copies of the batch's slot layout."""
         b = self.batch
-        key = (b.layout, tuple(layer._version for layer in self.layers))
-        entry = self._copies.get(key)
+        return self._kept(self._copies, b.layout, KEPT_LAYOUTS, lambda: self._gather(b.rank_rows, b.total_rank))
+
+    def _slot_weights(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copies of one slot alone, for its segment of a long prefill."""
+        return self._kept(self._slot_copies, (slot, rank), len(self.layers[0].present),
+                          lambda: self._gather(lambda buf, out=None: buf[slot, :rank] if out is None
+                                               else out.copy_(buf[slot, :rank]), rank))
+
+    def _kept(self, cache: OrderedDict, key: tuple, keep: int, gather) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        key = (key, tuple(layer._version for layer in self.layers))
+        entry = cache.get(key)
         if entry is None:
-            entry = self._copies[key] = [*self._gather(b), 0]
-            if len(self._copies) > KEPT_LAYOUTS:
-                self._copies.popitem(last=False)
-        self._copies.move_to_end(key)
+            entry = cache[key] = [*gather(), 0]
+            if len(cache) > keep:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
         entry[2] += 1
-        if entry[2] == PACK_AFTER:  # the layout has lasted: pack its copies
+        if entry[2] == PACK_AFTER:  # the copies have lasted: pack them
             entry[0], entry[1] = pack_weight(entry[0]), pack_weight(entry[1])
         return entry[0], entry[1]
 
-    def _gather(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.layers[0]
-        S, n = sum(r for _, r in b.spans), len(self.layers)
+    def _gather(self, rows_of, S: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+        """``rows_of(buf, out=None)``: the ``S`` rank rows wanted from a slot buffer ``buf (slots, R, f)``."""
+        first, n = self.layers[0], len(self.layers)
         A = first.A.new_empty(n * S, first.in_features)  # the layers' A_u stacked: (n·S, in)
         B = first.A.new_zeros(sum(self.outs), n * S)  # block diagonal, as a linear weight (out, n·S)
         row = 0
         for j, (layer, out) in enumerate(zip(self.layers, self.outs)):
-            b.rank_rows(layer.A, out=A[j * S: (j + 1) * S])
-            B[row: row + out, j * S: (j + 1) * S] = b.rank_rows(layer.Bs).T
+            rows_of(layer.A, out=A[j * S: (j + 1) * S])
+            B[row: row + out, j * S: (j + 1) * S] = rows_of(layer.Bs).T
             row += out
         return A, B
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         *lead, d = x.shape
         T = x.shape[1] if x.dim() == 3 else 1
+        if self.batch.segments is not None:
+            return self._segmented(x.reshape(-1, d), y, T)
         A, B = self._weights()
         mask = self.batch.flat_mask(T, len(self.layers), x.dtype)  # (M, n·S)
         x2, y2 = x.reshape(-1, d), y.reshape(-1, y.shape[-1])
         assert mask.shape[0] == x2.shape[0], f"mask rows {mask.shape[0]} vs tokens {x2.shape[0]}"
         h = _linear_then(x2, mask, A, "mul")  # (M, n·S)
         return _linear_then(h, y2, B, "add").view(*lead, y.shape[-1])
+
+
+    def _segmented(self, x2: torch.Tensor, y: torch.Tensor, T: int) -> torch.Tensor:
+        """Rows ``start:end`` all on slot ``u``: their term on that slot's own copies (SGMV-style), U times fewer
+        flops than the mask for U slots, for three ops per slot; ``y`` is updated in place."""
+        b = self.batch
+        y2 = y.view(-1, y.shape[-1])  # (M, out)
+        for u, start, end in b.segments or ():
+            slot, (_, r) = b.uniq_list[u], b.spans[u]
+            if not any(layer.present[slot] for layer in self.layers):
+                continue
+            A, B = self._slot_weights(slot, r)
+            rows = slice(start * T, end * T)
+            h = _linear_then(x2[rows], b.segment_mask(u, T, len(self.layers), x2.dtype), A, "mul")  # (m, n·r)
+            y2[rows] = _linear_then(h, y2[rows], B, "add")
+        return y
 
 
 class FusedQKV(nn.Module):

@@ -67,7 +67,8 @@ def test_fused_qkv_matches_the_three_plain_layers(T: int, segmented: bool) -> No
         assert torch.allclose(got[2][0].float(), base_only[2][0], atol=0.05)  # v carries no update
 
 
-def test_packed_term_follows_rewritten_slots_and_new_layouts() -> None:
+@pytest.mark.parametrize("segmented", [False, True], ids=["masked", "segments"])
+def test_packed_term_follows_rewritten_slots_and_new_layouts(segmented: bool) -> None:
     batch = LoraBatch()
     layers = _projections(batch)
     fused = FusedQKV(*layers)
@@ -77,7 +78,8 @@ def test_packed_term_follows_rewritten_slots_and_new_layouts() -> None:
     seen = []
     with torch.inference_mode():
         for rows in ([0, 1, -1], [1, 1, 1], [0, 1, -1]):
-            build_lora_batch(batch, rows, [None] * 3, RANKS, torch.device("cpu"), torch.float32)
+            build_lora_batch(batch, rows, [None] * 3, RANKS, torch.device("cpu"), torch.float32, segmented=segmented)
+            assert (batch.segments is not None) == segmented
             for _rewrite in range(2):  # same layout, new slot contents: the packed copies must be rebuilt
                 want = _plain(layers, x)
                 for _step in range(PACK_AFTER + 1):  # plain copies first, then packed ones
