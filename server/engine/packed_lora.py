@@ -49,7 +49,7 @@ class PackedLoraTerm:
     """The LoRA term of ``layers`` (all reading one input) as one shrink and one expand on oneDNN.
 
     ``__call__(x, y)`` adds every layer's term to ``y``, whose last dimension is the layers' outputs side by
-    side, and returns the sum (a new tensor)."""
+    side, and returns the sum (a new tensor; for a prefill in per-adapter segments, ``y`` updated in place)."""
 
     def __init__(self, layers: list[SlotLoRALinear]) -> None:
         assert layers and len({layer.in_features for layer in layers}) == 1
@@ -66,9 +66,11 @@ class PackedLoraTerm:
 
     def _slot_weights(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The copies of one slot alone, for its segment of a long prefill."""
-        return self._kept(self._slot_copies, (slot, rank), len(self.layers[0].present),
-                          lambda: self._gather(lambda buf, out=None: buf[slot, :rank] if out is None
-                                               else out.copy_(buf[slot, :rank]), rank))
+        def rows_of(buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return buf[slot, :rank] if out is None else out.copy_(buf[slot, :rank])
+
+        slots = self.layers[0].A.shape[0]
+        return self._kept(self._slot_copies, (slot, rank), slots, lambda: self._gather(rows_of, rank))
 
     def _kept(self, cache: OrderedDict, key: tuple, keep: int, gather) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
         key = (key, tuple(layer._version for layer in self.layers))
@@ -106,7 +108,6 @@ class PackedLoraTerm:
         assert mask.shape[0] == x2.shape[0], f"mask rows {mask.shape[0]} vs tokens {x2.shape[0]}"
         h = _linear_then(x2, mask, A, "mul")  # (M, n·S)
         return _linear_then(h, y2, B, "add").view(*lead, y.shape[-1])
-
 
     def _segmented(self, x2: torch.Tensor, y: torch.Tensor, T: int) -> torch.Tensor:
         """Rows ``start:end`` all on slot ``u``: their term on that slot's own copies (SGMV-style), U times fewer
