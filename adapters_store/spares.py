@@ -47,14 +47,16 @@ class SpareFiles:
         ``r+b``, writes and truncates. False when none is ready (or the file is too small to gain): write fresh."""
         if self.keep <= 0 or size < MIN_BYTES:
             return False
-        self._want(size)
+        taken = False
         for spare in sorted(self.dir.glob("*.spare")):
             try:
                 os.rename(spare, dst)  # atomic: a spare goes to one taker
-                return True
+                taken = True
+                break
             except FileNotFoundError:  # another taker had it
                 continue
-        return False
+        self._want(size)  # after the rename, so the refill counts what is left
+        return taken
 
     def _want(self, size: int) -> None:
         """Keep spares of ``size`` (rounded up to a MiB) ready from now on."""

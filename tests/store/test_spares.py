@@ -65,3 +65,14 @@ def test_start_up_removes_half_written_spares_and_keeps_finished_ones(tmp_path: 
     AdapterStore.open(tmp_path / "adapters", base_spec, 4 << 20)
 
     assert sorted(p.name for p in spare_dir.iterdir()) == ["done.spare"]
+
+
+def test_every_registration_is_followed_by_a_full_set_of_spares(
+        store: AdapterStore, make_adapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(spares, "MIN_BYTES", 1024)
+    for i in range(4):
+        store.register_dir(f"n{i}", make_adapter(r=16, seed=i))
+        deadline = time.monotonic() + 20
+        while len(ready_spares(store)) < 2:  # the default keeps two
+            assert time.monotonic() < deadline, "the spares were not refilled"
+            time.sleep(0.02)
