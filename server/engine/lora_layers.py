@@ -59,8 +59,7 @@ class LoraBatch:
         (the row indices are built once per layout), whatever their number."""
         R, f = buf.shape[1], buf.shape[2]
         if len(self.uniq_list) == 1:
-            s, (_, r) = self.uniq_list[0], self.spans[0]
-            return buf[s, :r] if out is None else out.copy_(buf[s, :r])
+            return slot_rows(buf, self.uniq_list[0], self.spans[0][1], out)
         key = (R, buf.device)
         if key not in self._rows:
             self._rows[key] = torch.tensor([s * R + i for s, (_, r) in zip(self.uniq_list, self.spans)
@@ -95,6 +94,11 @@ class LoraBatch:
             m = self.mask.to(dtype).expand(N, T, S).reshape(N * T, S)  # (N·T, S)
             self._flat[key] = torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
         return self._flat[key]
+
+
+def slot_rows(buf: torch.Tensor, slot: int, rank: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The first ``rank`` rows of ``slot`` in a slot buffer ``buf (slots, R, f)``: a view, or copied into ``out``."""
+    return buf[slot, :rank] if out is None else out.copy_(buf[slot, :rank])
 
 
 def build_lora_batch(

@@ -23,13 +23,15 @@ bf16 on CPU only; everything else keeps the plain path.
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
+from typing import Callable
 
 import torch
 from torch import nn
 
 from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable, packed_linear
 
-from .lora_layers import LoraBatch, SlotLoRALinear
+from .lora_layers import LoraBatch, SlotLoRALinear, slot_rows
 
 # Forwards on one slot layout before its gathered copies are packed. oneDNN takes plain weights too: packing a
 # term's two copies costs about 350 us, and saves 5 to 25 us per forward (16 rows: 78 against 99 us for q/k/v),
@@ -66,13 +68,13 @@ class PackedLoraTerm:
 
     def _slot_weights(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The copies of one slot alone, for its segment of a long prefill."""
-        def rows_of(buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-            return buf[slot, :rank] if out is None else out.copy_(buf[slot, :rank])
-
+        rows_of = partial(slot_rows, slot=slot, rank=rank)
         slots = self.layers[0].A.shape[0]
         return self._kept(self._slot_copies, (slot, rank), slots, lambda: self._gather(rows_of, rank))
 
-    def _kept(self, cache: OrderedDict, key: tuple, keep: int, gather) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    def _kept(self, cache: OrderedDict, key: tuple, keep: int,
+              gather: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copies under ``key`` (and the layers' slot versions), gathered on a miss; ``keep`` entries at most."""
         key = (key, tuple(layer._version for layer in self.layers))
         entry = cache.get(key)
         if entry is None:
@@ -85,7 +87,7 @@ class PackedLoraTerm:
             entry[0], entry[1] = pack_weight(entry[0]), pack_weight(entry[1])
         return entry[0], entry[1]
 
-    def _gather(self, rows_of, S: int) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    def _gather(self, rows_of: Callable[..., torch.Tensor], S: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``rows_of(buf, out=None)``: the ``S`` rank rows wanted from a slot buffer ``buf (slots, R, f)``."""
         first, n = self.layers[0], len(self.layers)
         A = first.A.new_empty(n * S, first.in_features)  # the layers' A_u stacked: (n·S, in)
