@@ -66,8 +66,10 @@ class Generator:
             )
         return max_tokens
 
-    async def stream(self, ids: list[int], decision: Decision, params: SamplingParams) -> AsyncIterator[Event]:
-        """Yield Delta events then one Done; cancelling the consumer frees the engine row."""
+    async def stream(self, ids: list[int], decision: Decision, params: SamplingParams,
+                     deltas: bool = True) -> AsyncIterator[Event]:
+        """Yield Delta events (none when ``deltas`` is false) then one Done, which carries the whole text;
+        cancelling the consumer frees the engine row."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -77,7 +79,7 @@ class Generator:
         adapter = None if decision.adapter == BASE_ADAPTER else (decision.adapter, int(decision.version or 0))
         if adapter is not None and self.prefetch is not None and not self.is_warm(adapter):
             await in_own_thread(self.prefetch, adapter)  # decodes tensors: see server/threads.py
-        req = GenerationRequest(prompt_ids=ids, params=params, emit=emit, adapter=adapter)
+        req = GenerationRequest(prompt_ids=ids, params=params, emit=emit, adapter=adapter, deltas=deltas)
         self.engine.submit(req)
         try:
             while True:

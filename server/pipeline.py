@@ -111,19 +111,15 @@ async def run(core: AppState, job: Job, found: Lookup) -> Outcome:
         _observe(core, job, result, 200)
         return Outcome(result, True)
     try:
-        deltas: list[str] = []
         result = None
-        async for ev in core.generator.stream(job.ids, job.decision, job.params):
-            if isinstance(ev, Delta):
-                deltas.append(ev.text)
-            elif isinstance(ev, Done):
-                result = Result("".join(deltas), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
-                                ev.timings)
+        async for ev in core.generator.stream(job.ids, job.decision, job.params, deltas=False):
+            if isinstance(ev, Done):
+                result = Result(ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.timings)
     except Exception as e:
         _observe(core, job, None, status_of(e))
         raise
     assert result is not None
-    await _store(core, key, deltas, result)
+    await _store(core, key, [result.text] if result.text else [], result)
     _observe(core, job, result, 200)
     return Outcome(result, False)
 

@@ -34,12 +34,6 @@ from .slots import AdapterKey, NoSlotFree, SlotTable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _DROPPED = -2  # the request failed while its adapter was loaded; it has been answered
-# Prefill tokens per adapter (rows x padded width / adapters) from which per-adapter segments beat the mask.
-# Measured on SmolLM2, bf16 packed, 8 adapters, prompts of 64 tokens, the time against the mask's: 16 rows (128
-# tokens per adapter) 0.87x, 15 rows (120) 0.94x, 12 rows (96) 0.99x, 10 rows (80) 1.04x, 8 rows (64) 1.03x.
-# A prefill on one adapter never takes them: they save no flops there, and over HTTP, Zipf traffic over 300
-# adapters ran 18-26% slower while it did (two runs each way); without it, as fast as with no segments at all.
-SEGMENT_MIN_TOKENS = 100
 
 
 class EngineHooks(Protocol):
@@ -381,20 +375,19 @@ class Engine:
                 seg = torch.tensor(self._segments[slot])
                 req.rank_weights = torch.repeat_interleave(g.cpu(), seg)  # (rank,)
         label = req.adapter[0] if req.adapter else "__base__"
-        return _Row(req, slot, RowSampler(req.params), TextAssembler(self.tokenizer, req.params.stop),
+        return _Row(req, slot, RowSampler(req.params), TextAssembler(self.tokenizer, req.params.stop, req.deltas),
                     length=len(req.prompt_ids), admitted=now, label=label, pinned=slot >= 0,
                     timings={"queue_s": now - req.arrived})
 
-    def _set_lora_batch(self, rows: list[_Row], segmented: bool = False) -> None:
+    def _set_lora_batch(self, rows: list[_Row], per_row: bool = False) -> None:
         build_lora_batch(self.lora_batch, [r.slot for r in rows], [r.req.rank_weights for r in rows],
-                         self.slots.ranks(), self.runner.device, self.lora_dtype, segmented)
+                         self.slots.ranks(), self.runner.device, self.lora_dtype, per_row)
 
     def _prefill(self, new: list[_Row]) -> None:
         base = len(self._rows)
-        new.sort(key=lambda r: r.slot)  # rows of one adapter side by side: per-adapter segments below
-        width = max(len(r.req.prompt_ids) for r in new)
-        adapters = len({r.slot for r in new if r.slot >= 0})  # one adapter: segments save no flops
-        self._set_lora_batch(new, segmented=adapters > 1 and len(new) * width >= SEGMENT_MIN_TOKENS * adapters)
+        # Several adapters: row by row (no row pays for the others' ranks; see packed_lora.py). A decode step
+        # keeps the mask: one token per row, and its copies of the slots stay put while per-row ones would not.
+        self._set_lora_batch(new, per_row=len({r.slot for r in new if r.slot >= 0}) > 1)
         logits = self.runner.prefill(list(range(base, base + len(new))), [r.req.prompt_ids for r in new])
         self._rows.extend(new)
         for row, lg in zip(new, logits):
@@ -427,7 +420,7 @@ class Engine:
             row.finish = "stop"
             return
         delta = row.text.add(token)
-        if delta:
+        if delta and row.req.deltas:
             row.req.emit(Delta(delta, token))
         if row.text.stopped:
             row.finish = "stop"
@@ -448,12 +441,11 @@ class Engine:
                 continue
             self._unpin(row)
             tail = row.text.finish() if row.finish != "stop" or not row.text.stopped else ""
-            if tail and row.finish != "cancelled":
+            if tail and row.finish != "cancelled" and row.req.deltas:
                 row.req.emit(Delta(tail, -1))
             now = time.perf_counter()
             row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
-            row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated if row.finish != "cancelled"
-                              else row.generated, row.timings))
+            row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text))
         self._rows = keep
         if not keep:
             self.runner.shrink()

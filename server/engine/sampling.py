@@ -56,11 +56,15 @@ class RowSampler:
 
 
 class TextAssembler:
-    """Turns generated ids into text deltas, holding back anything that may still become a stop string."""
+    """Turns generated ids into text deltas, holding back anything that may still become a stop string.
 
-    def __init__(self, tokenizer: object, stop: tuple[str, ...]) -> None:
+    ``incremental=False`` is for a caller that wants the whole text only: with no stop string to watch for, ids
+    are decoded once, by ``finish``, instead of after every token (the engine thread's time, every step)."""
+
+    def __init__(self, tokenizer: object, stop: tuple[str, ...], incremental: bool = True) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.lazy = not incremental and not self.stop
         self.ids: list[int] = []
         self.sent = 0  # characters already emitted
         self.text = ""
@@ -69,6 +73,8 @@ class TextAssembler:
     def add(self, token_id: int) -> str:
         """Append a token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
         self.ids.append(token_id)
+        if self.lazy:
+            return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
@@ -83,6 +89,8 @@ class TextAssembler:
 
     def finish(self) -> str:
         """Emit whatever was held back (the row ended without completing a stop string)."""
+        if self.lazy:
+            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if self.text.endswith("\ufffd"):
             self.text = self.text.rstrip("\ufffd")
         return self._emit(len(self.text))
