@@ -32,15 +32,16 @@ class LoraBatch:
 
     ``uniq_list``: the U slot indices in use; ``spans[u]``: ``(first column, rank)`` of slot ``uniq_list[u]`` in
     the gathered rank space; ``mask``: (N, 1, Σ rank) row mask.
-    ``segments``: when set, ``(u, start, end)`` per slot in use: rows ``start:end`` are exactly the rows on
-    ``uniq_list[u]``. Then each segment is multiplied by its own slot only (SGMV-style), instead of every row by
-    all U slots under the mask: U times fewer flops, worth its U-fold op count only for many tokens (prefill).
+    ``per_row``: the term runs row by row instead (BGMV-style: every row multiplied by its own slot's weights
+    only, as batched matmuls over per-row copies of them; ``row_pos[i]`` is row i's index into ``uniq_list``,
+    -1 for the base model): U times fewer flops than the mask for U slots, for a few more ops (prefill).
     """
 
     mask: torch.Tensor | None = None
     uniq_list: list[int] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
-    segments: list[tuple[int, int, int]] | None = None
+    per_row: bool = False
+    row_pos: list[int] = field(default_factory=list)
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
     _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # flat_mask copies of this step
     _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # rank_rows of this layout
@@ -50,7 +51,7 @@ class LoraBatch:
         return bool(self.uniq_list)
 
     def clear(self) -> None:
-        self.mask, self.uniq_list, self.spans, self.segments, self.layout = None, [], [], None, ()
+        self.mask, self.uniq_list, self.spans, self.per_row, self.row_pos, self.layout = None, [], [], False, [], ()
         self._flat, self._rows = {}, {}
 
     def rank_rows(self, buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -72,16 +73,30 @@ class LoraBatch:
     def total_rank(self) -> int:
         return sum(r for _, r in self.spans)
 
-    def segment_mask(self, u: int, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
-        """The mask of segment ``u``'s rows on its own slot's rank columns: ``(rows·T, copies·rank)`` in ``dtype``
-        (see ``flat_mask``); built once per step and shape."""
-        assert self.mask is not None and self.segments is not None
-        key = ("segment", u, T, copies, dtype)
+    @property
+    def max_rank(self) -> int:
+        return max(r for _, r in self.spans)
+
+    def row_index(self, device: torch.device) -> torch.Tensor:
+        """``(N,)``: each row's index into ``uniq_list`` (0 for a base row, whose weights are all zero)."""
+        key = ("rows", device)
         if key not in self._flat:
-            _, start, end = self.segments[u]
-            first, r = self.spans[u]
-            m = self.mask[start:end, :, first:first + r].to(dtype).expand(end - start, T, r).reshape(-1, r)
-            self._flat[key] = torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
+            self._flat[key] = torch.tensor([max(u, 0) for u in self.row_pos], dtype=torch.long, device=device)
+        return self._flat[key]
+
+    def row_weights(self, copies: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(N, 1, copies·max_rank)``: row i's mask on its own slot's ranks, in each of ``copies`` blocks of
+        ``max_rank`` columns (the layout of ``stack_slots``); zero past the slot's rank and on base rows."""
+        assert self.mask is not None
+        key = ("row weights", copies, dtype)
+        if key not in self._flat:
+            R = self.max_rank
+            w = torch.zeros(len(self.row_pos), 1, copies, R, dtype=dtype, device=self.mask.device)
+            for i, u in enumerate(self.row_pos):
+                if u >= 0:
+                    first, r = self.spans[u]
+                    w[i, 0, :, :r] = self.mask[i, 0, first:first + r]
+            self._flat[key] = w.view(len(self.row_pos), 1, copies * R)
         return self._flat[key]
 
     def flat_mask(self, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
@@ -108,13 +123,12 @@ def build_lora_batch(
     slot_ranks: dict[int, int],
     device: torch.device,
     dtype: torch.dtype,
-    segmented: bool = False,
+    per_row: bool = False,
 ) -> None:
     """Fill ``batch`` for rows whose slots are ``row_slots`` (-1 = base model, no adapter).
 
     ``row_rank_weights[i]`` is an optional (rank,) weight per rank of row i's adapter (gates); None means ones.
-    ``segmented`` asks for per-slot segments (see ``LoraBatch``); they are built only when the rows of each
-    slot are contiguous, else the batch stays masked-dense.
+    ``per_row`` asks for the row-by-row term (see ``LoraBatch``).
     """
     uniq_list = sorted({s for s in row_slots if s >= 0})
     if not uniq_list:
@@ -141,19 +155,34 @@ def build_lora_batch(
     batch.uniq_list = uniq_list
     batch.spans = spans
     batch.layout = (tuple(uniq_list), tuple(spans))
-    batch.segments = _segments(row_slots, pos) if segmented else None
+    batch.per_row = per_row
+    batch.row_pos = [pos.get(s, -1) for s in row_slots]
 
 
-def _segments(row_slots: list[int], pos: dict[int, int]) -> list[tuple[int, int, int]] | None:
-    """``(u, start, end)`` runs of equal slots (base rows skipped), or None when a slot's rows are not one run."""
-    runs: list[tuple[int, int, int]] = []
-    start = 0
-    for i in range(1, len(row_slots) + 1):
-        if i == len(row_slots) or row_slots[i] != row_slots[start]:
-            if row_slots[start] >= 0:
-                runs.append((pos[row_slots[start]], start, i))
-            start = i
-    return runs if len({u for u, _, _ in runs}) == len(runs) else None
+def stack_slots(layers: list["SlotLoRALinear"], b: LoraBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's slots of ``layers`` (all reading one input) one by one, for ``per_row_term``:
+    ``At (U, in, n·R)``, layer j's ``A_sᵀ`` in columns ``j·R : j·R + r_s``, and ``Bt (U, n·R, Σ out)``, block
+    diagonal, layer j's ``Bs_s`` in those rows and its own output columns (R: the largest rank; zeros past r_s)."""
+    n, R, first = len(layers), b.max_rank, layers[0]
+    At = torch.zeros(len(b.uniq_list), first.in_features, n * R, dtype=dtype, device=first.A.device)
+    Bt = torch.zeros(len(b.uniq_list), n * R, sum(x.out_features for x in layers), dtype=dtype, device=first.A.device)
+    for u, (slot, (_, r)) in enumerate(zip(b.uniq_list, b.spans)):
+        col = 0
+        for j, layer in enumerate(layers):
+            At[u, :, j * R: j * R + r] = slot_rows(layer.A, slot, r).T
+            Bt[u, j * R: j * R + r, col: col + layer.out_features] = slot_rows(layer.Bs, slot, r)
+            col += layer.out_features
+    return At, Bt
+
+
+def per_row_term(x: torch.Tensor, y: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, b: LoraBatch,
+                 copies: int) -> torch.Tensor:
+    """``y_i + (x_i At_{u_i} ⊙ w_i) Bt_{u_i}`` for every row i at once: two batched matmuls over per-row copies
+    of the stacks (``stack_slots``), computed in their dtype. ``x (N, T, in)``, ``y (N, T, Σ out)``; a new tensor."""
+    idx = b.row_index(x.device)
+    h = torch.bmm(x.to(At.dtype), At.index_select(0, idx)).mul_(b.row_weights(copies, At.dtype))  # (N, T, n·R)
+    B = Bt.index_select(0, idx)  # (N, n·R, Σ out)
+    return torch.baddbmm(y, h, B) if y.dtype == At.dtype else y + torch.bmm(h, B).to(y.dtype)
 
 
 class SlotLoRALinear(nn.Module):
@@ -173,8 +202,8 @@ class SlotLoRALinear(nn.Module):
         self.register_buffer("Bs", torch.zeros(num_slots, max_rank, self.out_features, dtype=w.dtype, device=w.device))
         self.present = [False] * num_slots  # slot holds a non-empty update for this module
         self._ranks = [0] * num_slots  # rank rows of each slot that may be non-zero
-        self._version = 0  # bumped on every slot write: invalidates the packed copy below
-        self._packed: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, A_u, B_u)
+        self._version = 0  # bumped on every slot write: invalidates the copies below
+        self._copies: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> (key, weights)
         self.packed_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # see packed_lora.py
 
     @property
@@ -214,13 +243,18 @@ class SlotLoRALinear(nn.Module):
         """A_u (Σ rank, in) and B_u (Σ rank, out): the batch's slots side by side, in the slots' dtype."""
         return b.rank_rows(self.A), b.rank_rows(self.Bs)
 
-    def _gathered(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """``gather`` in the compute dtype; reused while the slot layout and the slots are unchanged."""
-        key = (b.layout, self._version)
-        if self._packed is None or self._packed[0] != key:
-            A_u, B_u = self.gather(b)
-            self._packed = (key, A_u.to(self.compute_dtype), B_u.to(self.compute_dtype))
-        return self._packed[1], self._packed[2]
+    def _gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        A_u, B_u = self.gather(self.batch)
+        return A_u.to(self.compute_dtype), B_u.to(self.compute_dtype)
+
+    def _cached(self, kind: str, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's slots in the compute dtype as ``kind`` wants them; reused while the slot layout and the
+        slots are unchanged."""
+        key = (self.batch.layout, self._version)
+        hit = self._copies.get(kind)
+        if hit is None or hit[0] != key:
+            hit = self._copies[kind] = (key, build())
+        return hit[1]
 
     def active(self) -> bool:
         """Some slot of the current batch holds an update for this layer."""
@@ -233,23 +267,12 @@ class SlotLoRALinear(nn.Module):
             return y
         if self.packed_term is not None:
             return self.packed_term(x, y)
-        A_u, B_u = self._gathered(b)  # (U·R, in), (U·R, out)
-        if b.segments is not None:
-            return self._segmented(x, y, A_u, B_u, b)
+        if b.per_row:
+            At, Bt = self._cached("rows", lambda: stack_slots([self], b, self.compute_dtype))
+            return per_row_term(x, y, At, Bt, b, 1)
+        A_u, B_u = self._cached("mask", self._gathered)  # (Σ rank, in), (Σ rank, out)
         h = torch.matmul(x.to(A_u.dtype), A_u.T) * b.mask  # (N, T, Σ rank)
         return y + torch.matmul(h, B_u).to(y.dtype)
-
-    def _segmented(self, x: torch.Tensor, y: torch.Tensor, A_u: torch.Tensor, B_u: torch.Tensor,
-                   b: LoraBatch) -> torch.Tensor:
-        """Rows ``start:end`` of slot ``u``: ``y[start:end] += (x A_sᵀ ⊙ w) B_s`` (w: the rows' rank weights)."""
-        for u, start, end in b.segments or ():
-            if not self.present[b.uniq_list[u]]:
-                continue
-            first, r = b.spans[u]
-            ranks = slice(first, first + r)
-            h = torch.matmul(x[start:end].to(A_u.dtype), A_u[ranks].T) * b.mask[start:end, :, ranks]  # (n, T, R)
-            y[start:end] += torch.matmul(h, B_u[ranks]).to(y.dtype)  # (n, T, out)
-        return y
 
 
 def lora_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:

@@ -14,16 +14,17 @@ attention module carries one.
 
 The gathered copies are rebuilt when the batch's slot layout or a slot changes (layers version their slots),
 and packed once that layout has lasted a few forwards (``PACK_AFTER``); between those, every step reuses them.
-A long prefill whose rows come in per-adapter segments runs each segment on its own slot's copies instead
-(kept per slot the same way): no flops on other slots' ranks. Measured on SmolLM2 with 8 adapters, 16 prompts
-of 64 tokens: 953 ms against 1099 with the mask (base only: 831); see engine.SEGMENT_MIN_TOKENS for when.
+A prefill on several adapters runs row by row instead (``LoraBatch.per_row``): batched matmuls over per-row
+copies of the slots' weights, stacked once per layout (lora_layers.stack_slots), so no row pays for other
+slots' ranks. Measured on SmolLM2, prompts of 64 tokens, 8 adapters (r 8 and 16), base / mask / per-slot
+segments (the previous way) / per row, ms: 15 rows 703 / 832 / 767 / 727; 8 rows 428 / 498 / 521 / 467;
+3 rows 154 / 182 / 194 / 169.
 bf16 on CPU only; everything else keeps the plain path.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from functools import partial
 from typing import Callable
 
 import torch
@@ -31,7 +32,7 @@ from torch import nn
 
 from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable, packed_linear
 
-from .lora_layers import LoraBatch, SlotLoRALinear, slot_rows
+from .lora_layers import LoraBatch, SlotLoRALinear, per_row_term, stack_slots
 
 # Forwards on one slot layout before its gathered copies are packed. oneDNN takes plain weights too: packing a
 # term's two copies costs about 350 us, and saves 5 to 25 us per forward (16 rows: 78 against 99 us for q/k/v),
@@ -51,7 +52,7 @@ class PackedLoraTerm:
     """The LoRA term of ``layers`` (all reading one input) as one shrink and one expand on oneDNN.
 
     ``__call__(x, y)`` adds every layer's term to ``y``, whose last dimension is the layers' outputs side by
-    side, and returns the sum (a new tensor; for a prefill in per-adapter segments, ``y`` updated in place)."""
+    side, and returns the sum (a new tensor)."""
 
     def __init__(self, layers: list[SlotLoRALinear]) -> None:
         assert layers and len({layer.in_features for layer in layers}) == 1
@@ -59,22 +60,23 @@ class PackedLoraTerm:
         self.batch: LoraBatch = layers[0].batch
         self.outs = [layer.out_features for layer in layers]
         self._copies: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [A, B, forwards], LRU order
-        self._slot_copies: OrderedDict[tuple, list] = OrderedDict()  # (slot, rank) key -> the same, one slot
+        self._stacks: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [At, Bt, forwards]: per-row form
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The gathered copies of the batch's slot layout."""
         b = self.batch
-        return self._kept(self._copies, b.layout, KEPT_LAYOUTS, lambda: self._gather(b.rank_rows, b.total_rank))
+        return self._kept(self._copies, b.layout, KEPT_LAYOUTS, self._gather)
 
-    def _slot_weights(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The copies of one slot alone, for its segment of a long prefill."""
-        rows_of = partial(slot_rows, slot=slot, rank=rank)
-        slots = self.layers[0].A.shape[0]
-        return self._kept(self._slot_copies, (slot, rank), slots, lambda: self._gather(rows_of, rank))
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's slots one by one (``stack_slots``), for a prefill on several adapters."""
+        b = self.batch
+        return self._kept(self._stacks, b.layout, KEPT_LAYOUTS, lambda: stack_slots(self.layers, b, self.layers[0].A.dtype),
+                          pack=False)
 
-    def _kept(self, cache: OrderedDict, key: tuple, keep: int,
-              gather: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The copies under ``key`` (and the layers' slot versions), gathered on a miss; ``keep`` entries at most."""
+    def _kept(self, cache: OrderedDict, key: tuple, keep: int, gather: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+              pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """The copies under ``key`` (and the layers' slot versions), gathered on a miss; ``keep`` entries at most;
+        packed for oneDNN once they have lasted (``pack``)."""
         key = (key, tuple(layer._version for layer in self.layers))
         entry = cache.get(key)
         if entry is None:
@@ -83,48 +85,36 @@ class PackedLoraTerm:
                 cache.popitem(last=False)
         cache.move_to_end(key)
         entry[2] += 1
-        if entry[2] == PACK_AFTER:  # the copies have lasted: pack them
+        if pack and entry[2] == PACK_AFTER:  # the copies have lasted: pack them
             entry[0], entry[1] = pack_weight(entry[0]), pack_weight(entry[1])
         return entry[0], entry[1]
 
-    def _gather(self, rows_of: Callable[..., torch.Tensor], S: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rows_of(buf, out=None)``: the ``S`` rank rows wanted from a slot buffer ``buf (slots, R, f)``."""
-        first, n = self.layers[0], len(self.layers)
-        A = first.A.new_empty(n * S, first.in_features)  # the layers' A_u stacked: (n·S, in)
-        B = first.A.new_zeros(sum(self.outs), n * S)  # block diagonal, as a linear weight (out, n·S)
+    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layers' gathered ``A_u`` stacked, ``(n·S, in)``, and their ``B_u`` block diagonal, as a linear weight
+        ``(Σ out, n·S)`` (S: the batch's total rank)."""
+        b, first, n = self.batch, self.layers[0], len(self.layers)
+        S = b.total_rank
+        A = first.A.new_empty(n * S, first.in_features)
+        B = first.A.new_zeros(sum(self.outs), n * S)
         row = 0
         for j, (layer, out) in enumerate(zip(self.layers, self.outs)):
-            rows_of(layer.A, out=A[j * S: (j + 1) * S])
-            B[row: row + out, j * S: (j + 1) * S] = rows_of(layer.Bs).T
+            b.rank_rows(layer.A, out=A[j * S: (j + 1) * S])
+            B[row: row + out, j * S: (j + 1) * S] = b.rank_rows(layer.Bs).T
             row += out
         return A, B
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         *lead, d = x.shape
-        T = x.shape[1] if x.dim() == 3 else 1
-        if self.batch.segments is not None:
-            return self._segmented(x.reshape(-1, d), y, T)
+        if self.batch.per_row:  # x (N, T, in)
+            At, Bt = self._stacked()
+            return per_row_term(x, y.view(*lead, -1), At, Bt, self.batch, len(self.layers)).view(y.shape)
         A, B = self._weights()
+        T = x.shape[1] if x.dim() == 3 else 1
         mask = self.batch.flat_mask(T, len(self.layers), x.dtype)  # (M, n·S)
         x2, y2 = x.reshape(-1, d), y.reshape(-1, y.shape[-1])
         assert mask.shape[0] == x2.shape[0], f"mask rows {mask.shape[0]} vs tokens {x2.shape[0]}"
         h = _linear_then(x2, mask, A, "mul")  # (M, n·S)
         return _linear_then(h, y2, B, "add").view(*lead, y.shape[-1])
-
-    def _segmented(self, x2: torch.Tensor, y: torch.Tensor, T: int) -> torch.Tensor:
-        """Rows ``start:end`` all on slot ``u``: their term on that slot's own copies (SGMV-style), U times fewer
-        flops than the mask for U slots, for three ops per slot; ``y`` is updated in place."""
-        b = self.batch
-        y2 = y.view(-1, y.shape[-1])  # (M, out)
-        for u, start, end in b.segments or ():
-            slot, (_, r) = b.uniq_list[u], b.spans[u]
-            if not any(layer.present[slot] for layer in self.layers):
-                continue
-            A, B = self._slot_weights(slot, r)
-            rows = slice(start * T, end * T)
-            h = _linear_then(x2[rows], b.segment_mask(u, T, len(self.layers), x2.dtype), A, "mul")  # (m, n·r)
-            y2[rows] = _linear_then(h, y2[rows], B, "add")
-        return y
 
 
 class FusedQKV(nn.Module):

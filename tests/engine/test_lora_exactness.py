@@ -37,8 +37,8 @@ def _peft_logits(base_dir: Path, adapter_dir: Path | None, seq: list[int]) -> to
         return model(torch.tensor([seq])).logits[0]  # (T, V)
 
 
-@pytest.mark.parametrize("segmented", [False, True], ids=["masked", "segments"])
-def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[str, Path], segmented: bool) -> None:
+@pytest.mark.parametrize("per_row", [False, True], ids=["masked", "per-row"])
+def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[str, Path], per_row: bool) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
@@ -55,8 +55,8 @@ def test_mixed_batch_rows_equal_peft_alone(tiny_llama_dir: Path, adapters: dict[
     row_slots = [0, -1, 2, 1]  # r4, base, r16, r8mlp
     names = ["r4", None, "r16", "r8mlp"]
 
-    build_lora_batch(batch, row_slots, [None] * 4, ranks, runner.device, runner.dtype, segmented=segmented)
-    assert (batch.segments is not None) == segmented
+    build_lora_batch(batch, row_slots, [None] * 4, ranks, runner.device, runner.dtype, per_row=per_row)
+    assert batch.per_row == per_row
     logits = runner.prefill([0, 1, 2, 3], prompts)
     seqs = [list(p) for p in prompts]
     lens = [len(p) for p in prompts]
@@ -101,29 +101,28 @@ def test_gate_weights_scale_rank_segments(tiny_llama_dir: Path, adapters: dict[s
     assert (out[1] - out[2]).abs().max() > 1e-3
 
 
-def test_segments_only_for_contiguous_slots() -> None:
+def test_batch_layout_gives_each_slot_its_own_rank_and_each_row_its_slot() -> None:
     from server.engine.lora_layers import LoraBatch
 
     b = LoraBatch()
-    build_lora_batch(b, [3, 3, -1, 5, 5, 5], [None] * 6, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
-    assert b.segments == [(0, 0, 2), (1, 3, 6)]
+    build_lora_batch(b, [3, 5, -1, 3, 5, 5], [None] * 6, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
     assert b.spans == [(0, 4), (4, 8)]  # each slot takes its own rank's columns, none padded to the largest
     assert b.mask.shape == (6, 1, 12) and b.mask[0, 0].tolist() == [1.0] * 4 + [0.0] * 8
-    assert b.mask[2].sum() == 0 and b.mask[3, 0].tolist() == [0.0] * 4 + [1.0] * 8
-    build_lora_batch(b, [3, 5, 3], [None] * 3, {3: 4, 5: 8}, torch.device("cpu"), torch.float32, True)
-    assert b.segments is None  # slot 3 in two runs: masked-dense
-    build_lora_batch(b, [3, 3], [None] * 2, {3: 4}, torch.device("cpu"), torch.float32)
-    assert b.segments is None  # not asked for
+    assert b.mask[2].sum() == 0 and b.mask[1, 0].tolist() == [0.0] * 4 + [1.0] * 8
+    assert b.row_pos == [0, 1, -1, 0, 1, 1] and b.row_index(torch.device("cpu")).tolist() == [0, 1, 0, 0, 1, 1]
+    w = b.row_weights(2, torch.float32)  # two layers' blocks of max rank 8: the slot's rank, then zeros
+    assert w.shape == (6, 1, 16) and w[0, 0].tolist() == ([1.0] * 4 + [0.0] * 4) * 2
+    assert w[1, 0].tolist() == [1.0] * 16 and w[2].sum() == 0
 
 
-def test_segmented_gates_weigh_each_row(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
-    """Per-row rank weights (GainLoRA gates) act per row inside a segment exactly as under the mask."""
+def test_per_row_gates_weigh_each_row(tiny_llama_dir: Path, adapters: dict[str, Path]) -> None:
+    """Per-row rank weights (GainLoRA gates) act on the per-row path exactly as under the mask."""
     batch, runner = _r8mlp_in_slot_0(tiny_llama_dir, adapters)
     prompt = list(range(10, 20))
     weights = [torch.linspace(0, 1, 8), torch.ones(8), None]
     outs = []
-    for segmented in (False, True):
-        build_lora_batch(batch, [0, 0, -1], weights, {0: 8}, runner.device, runner.dtype, segmented=segmented)
+    for per_row in (False, True):
+        build_lora_batch(batch, [0, 0, -1], weights, {0: 8}, runner.device, runner.dtype, per_row=per_row)
         outs.append(runner.prefill([0, 1, 2], [prompt] * 3))
     assert (outs[0] - outs[1]).abs().max().item() < 1e-5
     assert (outs[1][0] - outs[1][1]).abs().max() > 1e-3  # the two gate vectors really differ in effect

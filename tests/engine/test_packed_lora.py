@@ -38,7 +38,13 @@ def _write(layer: SlotLoRALinear, slot: int, r: int, g: torch.Generator) -> None
 
 
 def _plain(layers: list[SlotLoRALinear], x: torch.Tensor) -> list[torch.Tensor]:
-    return [layer(x).float() for layer in layers]  # packed_term unset: the float32 masked path
+    """The layers' outputs on the float32 masked path (packed_term unset), whatever the batch asks for."""
+    batch = layers[0].batch
+    per_row, batch.per_row = batch.per_row, False
+    try:
+        return [layer(x).float() for layer in layers]
+    finally:
+        batch.per_row = per_row
 
 
 def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
@@ -48,16 +54,16 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
         assert err <= 0.02 * w.abs().max().item(), err
 
 
-@pytest.mark.parametrize(("T", "segmented"), [(1, False), (5, False), (5, True)])
-def test_fused_qkv_matches_the_three_plain_layers(T: int, segmented: bool) -> None:
+@pytest.mark.parametrize(("T", "per_row"), [(1, False), (5, False), (5, True)])
+def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool) -> None:
     batch = LoraBatch()
     layers = _projections(batch)
     fused = FusedQKV(*layers)
     x = torch.randn(4, T, IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     gate = torch.tensor([0.25, 0.25, 1.0, 1.0])  # a gated row: per-rank weights of slot 0
     build_lora_batch(batch, [0, 0, -1, 1], [None, gate, None, None], RANKS, torch.device("cpu"), torch.float32,
-                     segmented=segmented)
-    assert (batch.segments is not None) == segmented
+                     per_row=per_row)
+    assert batch.per_row == per_row
     with torch.inference_mode():
         _assert_close(list(fused(x)), _plain(layers, x))
         base_only = [nn.functional.linear(x, la.base.weight, la.base.bias).float() for la in layers]
@@ -67,8 +73,8 @@ def test_fused_qkv_matches_the_three_plain_layers(T: int, segmented: bool) -> No
         assert torch.allclose(got[2][0].float(), base_only[2][0], atol=0.05)  # v carries no update
 
 
-@pytest.mark.parametrize("segmented", [False, True], ids=["masked", "segments"])
-def test_packed_term_follows_rewritten_slots_and_new_layouts(segmented: bool) -> None:
+@pytest.mark.parametrize("per_row", [False, True], ids=["masked", "per-row"])
+def test_packed_term_follows_rewritten_slots_and_new_layouts(per_row: bool) -> None:
     batch = LoraBatch()
     layers = _projections(batch)
     fused = FusedQKV(*layers)
@@ -78,8 +84,8 @@ def test_packed_term_follows_rewritten_slots_and_new_layouts(segmented: bool) ->
     seen = []
     with torch.inference_mode():
         for rows in ([0, 1, -1], [1, 1, 1], [0, 1, -1]):
-            build_lora_batch(batch, rows, [None] * 3, RANKS, torch.device("cpu"), torch.float32, segmented=segmented)
-            assert (batch.segments is not None) == segmented
+            build_lora_batch(batch, rows, [None] * 3, RANKS, torch.device("cpu"), torch.float32, per_row=per_row)
+            assert batch.per_row == per_row
             for _rewrite in range(2):  # same layout, new slot contents: the packed copies must be rebuilt
                 want = _plain(layers, x)
                 for _step in range(PACK_AFTER + 1):  # plain copies first, then packed ones
