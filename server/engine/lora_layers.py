@@ -43,7 +43,7 @@ class LoraBatch:
     per_row: bool = False
     row_pos: list[int] = field(default_factory=list)
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
-    _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # flat_mask copies of this step
+    _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # this step's masks, row indices and weights
     _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # rank_rows of this layout
 
     @property
