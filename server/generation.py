@@ -10,7 +10,7 @@ from typing import Callable
 from router.base import BASE_ADAPTER, Decision
 
 from .engine.engine import Engine
-from .engine.requests import Delta, Done, Event, Failed, GenerationRequest
+from .engine.requests import Done, Event, Failed, GenerationRequest
 from .engine.sampling import SamplingParams
 from .errors import GenerationFailed, PromptTooLong
 from .threads import in_own_thread

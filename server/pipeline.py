@@ -142,8 +142,7 @@ async def stream(core: AppState, job: Job, found: Lookup) -> AsyncIterator[tuple
                     deltas.append(ev.text)
                     yield ev.text, None
             elif isinstance(ev, Done):
-                result = Result("".join(deltas), ev.finish_reason, ev.prompt_tokens, ev.completion_tokens,
-                                ev.timings)
+                result = Result(ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.timings)
                 await _store(core, key, deltas, result)
                 _observe(core, job, result, 200)
                 yield "", result

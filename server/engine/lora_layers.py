@@ -159,7 +159,7 @@ def build_lora_batch(
     batch.row_pos = [pos.get(s, -1) for s in row_slots]
 
 
-def stack_slots(layers: list["SlotLoRALinear"], b: LoraBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_slots(layers: list[SlotLoRALinear], b: LoraBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's slots of ``layers`` (all reading one input) one by one, for ``per_row_term``:
     ``At (U, in, n·R)``, layer j's ``A_sᵀ`` in columns ``j·R : j·R + r_s``, and ``Bt (U, n·R, Σ out)``, block
     diagonal, layer j's ``Bs_s`` in those rows and its own output columns (R: the largest rank; zeros past r_s)."""
