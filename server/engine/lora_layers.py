@@ -161,17 +161,18 @@ def build_lora_batch(
 
 def stack_slots(layers: list[SlotLoRALinear], b: LoraBatch, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's slots of ``layers`` (all reading one input) one by one, for ``per_row_term``:
-    ``At (U, in, n·R)``, layer j's ``A_sᵀ`` in columns ``j·R : j·R + r_s``, and ``Bt (U, n·R, Σ out)``, block
-    diagonal, layer j's ``Bs_s`` in those rows and its own output columns (R: the largest rank; zeros past r_s)."""
-    n, R, first = len(layers), b.max_rank, layers[0]
-    At = torch.zeros(len(b.uniq_list), first.in_features, n * R, dtype=dtype, device=first.A.device)
-    Bt = torch.zeros(len(b.uniq_list), n * R, sum(x.out_features for x in layers), dtype=dtype, device=first.A.device)
-    for u, (slot, (_, r)) in enumerate(zip(b.uniq_list, b.spans)):
-        col = 0
-        for j, layer in enumerate(layers):
-            At[u, :, j * R: j * R + r] = slot_rows(layer.A, slot, r).T
-            Bt[u, j * R: j * R + r, col: col + layer.out_features] = slot_rows(layer.Bs, slot, r)
-            col += layer.out_features
+    ``At (U, in, n·R)``, layer j's ``A_sᵀ`` in columns ``j·R : (j + 1)·R``, and ``Bt (U, n·R, Σ out)``, block
+    diagonal, layer j's ``Bs_s`` in those rows and its own output columns (R: the batch's largest rank; a slot's
+    rows past its own rank are zero in its buffer). Two copies per layer, whatever the number of slots."""
+    R, first = b.max_rank, layers[0]
+    idx = torch.tensor(b.uniq_list, dtype=torch.long, device=first.A.device)
+    At = torch.cat([layer.A[:, :R].index_select(0, idx).transpose(1, 2) for layer in layers], dim=2).to(dtype)
+    Bt = torch.zeros(len(b.uniq_list), len(layers) * R, sum(x.out_features for x in layers), dtype=dtype,
+                     device=first.A.device)
+    col = 0
+    for j, layer in enumerate(layers):
+        Bt[:, j * R: (j + 1) * R, col: col + layer.out_features] = layer.Bs[:, :R].index_select(0, idx)
+        col += layer.out_features
     return At, Bt
 
 
