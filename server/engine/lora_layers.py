@@ -60,7 +60,8 @@ class LoraBatch:
         (the row indices are built once per layout), whatever their number."""
         R, f = buf.shape[1], buf.shape[2]
         if len(self.uniq_list) == 1:
-            return slot_rows(buf, self.uniq_list[0], self.spans[0][1], out)
+            rows = buf[self.uniq_list[0], :self.spans[0][1]]
+            return rows if out is None else out.copy_(rows)
         key = (R, buf.device)
         if key not in self._rows:
             self._rows[key] = torch.tensor([s * R + i for s, (_, r) in zip(self.uniq_list, self.spans)
@@ -109,11 +110,6 @@ class LoraBatch:
             m = self.mask.to(dtype).expand(N, T, S).reshape(N * T, S)  # (N·T, S)
             self._flat[key] = torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
         return self._flat[key]
-
-
-def slot_rows(buf: torch.Tensor, slot: int, rank: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The first ``rank`` rows of ``slot`` in a slot buffer ``buf (slots, R, f)``: a view, or copied into ``out``."""
-    return buf[slot, :rank] if out is None else out.copy_(buf[slot, :rank])
 
 
 def build_lora_batch(
@@ -248,7 +244,8 @@ class SlotLoRALinear(nn.Module):
         A_u, B_u = self.gather(self.batch)
         return A_u.to(self.compute_dtype), B_u.to(self.compute_dtype)
 
-    def _cached(self, kind: str, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cached(self, kind: str,
+                build: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots in the compute dtype as ``kind`` wants them; reused while the slot layout and the
         slots are unchanged."""
         key = (self.batch.layout, self._version)

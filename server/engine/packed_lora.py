@@ -75,8 +75,8 @@ class PackedLoraTerm:
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots one by one (``stack_slots``), for a prefill on several adapters."""
         b = self.batch
-        return self._kept(self._stacks, b.layout, KEPT_STACKS, lambda: stack_slots(self.layers, b, self.layers[0].A.dtype),
-                          pack=False)
+        stack = lambda: stack_slots(self.layers, b, self.layers[0].A.dtype)  # noqa: E731
+        return self._kept(self._stacks, b.layout, KEPT_STACKS, stack, pack=False)
 
     def _kept(self, cache: OrderedDict, key: tuple, keep: int, gather: Callable[[], tuple[torch.Tensor, torch.Tensor]],
               pack: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
