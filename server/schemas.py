@@ -21,6 +21,10 @@ class _Sampling(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted once from each token the output has.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted per occurrence in the output.")
+    repetition_penalty: float = Field(1.0, gt=0.0,
+                                      description="Divides logits of tokens in the prompt or output (1: off).")
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -43,11 +47,14 @@ class _Sampling(BaseModel):
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
         )
 
     def cache_fields(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": self.stop, "ignore_eos": self.ignore_eos}
+                "stop": self.stop, "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
 
 
 class StreamOptions(BaseModel):
@@ -61,8 +68,6 @@ class _OpenAIRequest(_Sampling):
     n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
     task: str | None = Field(None, description="Task hint (clora extension): route to this adapter.")
     user: str | None = None
-    presence_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; must be 0.")
-    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0, description="Not supported; must be 0.")
 
 
 class CompletionRequest(_OpenAIRequest):

@@ -375,7 +375,8 @@ class Engine:
                 seg = torch.tensor(self._segments[slot])
                 req.rank_weights = torch.repeat_interleave(g.cpu(), seg)  # (rank,)
         label = req.adapter[0] if req.adapter else "__base__"
-        return _Row(req, slot, RowSampler(req.params), TextAssembler(self.tokenizer, req.params.stop, req.deltas),
+        return _Row(req, slot, RowSampler(req.params, req.prompt_ids),
+                    TextAssembler(self.tokenizer, req.params.stop, req.deltas),
                     length=len(req.prompt_ids), admitted=now, label=label, pinned=slot >= 0,
                     timings={"queue_s": now - req.arrived})
 

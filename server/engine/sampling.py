@@ -1,10 +1,16 @@
-"""Token selection and text assembly for one row: greedy/temperature/top-k/top-p, seeds, stop strings.
+"""Token selection and text assembly for one row: penalties, greedy/temperature/top-k/top-p, seeds, stop strings.
 
-Each row owns its ``torch.Generator``, so a seeded request draws the same tokens whatever its batch neighbours.
+Each row owns its ``torch.Generator`` and its token counts, so a request draws the same tokens whatever its batch
+neighbours. Penalties follow OpenAI's and vLLM's definitions, applied in vLLM's order before temperature:
+``repetition_penalty`` divides the positive logits (multiplies the negative ones) of every token seen in the
+prompt or the output; ``frequency_penalty`` subtracts, per token, its count in the output so far, and
+``presence_penalty`` a constant from each token the output contains.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,23 +27,54 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
 
 class RowSampler:
-    """Chooses the next token of one row from its logits (V,)."""
+    """Chooses the next token of one row from its logits (V,); ``prompt_ids`` matter to ``repetition_penalty``."""
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
             self.generator = torch.Generator()
             self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self.counts: Counter[int] = Counter()  # output tokens so far (kept only when a penalty needs them)
+        self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
 
     def __call__(self, logits: torch.Tensor) -> int:
+        p = self.params
+        if p.penalized:
+            token = self._choose(self._penalize(logits))
+            self.counts[token] += 1
+            self.seen.add(token)
+            return token
+        return self._choose(logits)
+
+    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        logits = logits.float().clone()
+        if p.repetition_penalty != 1.0 and self.seen:
+            ids = torch.tensor(sorted(self.seen), dtype=torch.long, device=logits.device)
+            vals = logits[ids]
+            logits[ids] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if self.counts and (p.frequency_penalty or p.presence_penalty):
+            ids = torch.tensor(list(self.counts), dtype=torch.long, device=logits.device)
+            n = torch.tensor(list(self.counts.values()), dtype=torch.float32, device=logits.device)
+            logits[ids] -= p.frequency_penalty * n + p.presence_penalty
+        return logits
+
+    def _choose(self, logits: torch.Tensor) -> int:
         p = self.params
         if p.greedy:
             return int(torch.argmax(logits))

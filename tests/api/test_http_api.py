@@ -100,7 +100,7 @@ def test_prompt_too_long_is_400_with_counts(server) -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("stop", ["a"] * 9), ("echo", True),
-    ("top_k", -5), ("seed", -1), ("presence_penalty", 0.5),
+    ("top_k", -5), ("seed", -1), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
 ])
 def test_invalid_parameters_are_422_naming_the_field(server, field: str, value: object) -> None:
     r = post(server, "/v1/completions", {"model": "alpha", "prompt": "x", field: value})
@@ -178,6 +178,20 @@ def test_stop_strings_cut_the_text(server) -> None:
     streamed, _ = stream_text(server, "/v1/completions", {"model": "alpha", "prompt": "Once upon a time",
                                                           "max_tokens": 20, "temperature": 0, "stop": [stop]})
     assert streamed == cut["choices"][0]["text"]
+
+
+def test_penalties_steer_the_text_and_key_the_cache(server) -> None:
+    body = {"model": "alpha", "prompt": "A list of fruits: apple, banana,", "max_tokens": 24, "temperature": 0,
+            "ignore_eos": True}
+    plain = complete(server, **body)["choices"][0]["text"]
+    for extra in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 1.5}):
+        first = complete(server, **body, **extra)
+        assert first["cached"] is False and first["choices"][0]["text"] != plain, extra
+        again = complete(server, **body, **extra)
+        assert again["cached"] is True and again["choices"][0]["text"] == first["choices"][0]["text"]
+    r = post(server, "/v1/generate", {"prompt": body["prompt"], "adapter": "alpha", "max_tokens": 24,
+                                      "temperature": 0, "ignore_eos": True, "frequency_penalty": 2.0})
+    assert r.json()["text"] == complete(server, **body, frequency_penalty=2.0)["choices"][0]["text"]
 
 
 def test_generate_endpoint_shape(server) -> None:

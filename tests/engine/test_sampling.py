@@ -38,6 +38,30 @@ def test_seed_reproducible_and_top_p_restricts_support() -> None:
     assert {s(logits) for _ in range(200)} <= top
 
 
+def test_penalties_follow_the_openai_and_vllm_formulas() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    s = RowSampler(SamplingParams(temperature=0, frequency_penalty=0.5, presence_penalty=0.25,
+                                  repetition_penalty=2.0), prompt_ids=[1, 2])
+    s.counts.update([3, 3, 0])  # the output so far: token 3 twice, token 0 once
+    s.seen.update([3, 0])
+    want = torch.tensor([2.0 / 2 - 0.5 - 0.25, -1.0 * 2, 0.5 / 2, 3.0 / 2 - 1.0 - 0.25, 1.0])
+    assert torch.allclose(s._penalize(logits), want)
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0]))  # the batch's logits are left alone
+
+
+def test_a_penalty_steers_greedy_decoding_off_tokens_already_output() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.0, 2.5])  # the same logits every step: greedy repeats token 1
+    plain = RowSampler(SamplingParams(temperature=0))
+    assert [plain(logits) for _ in range(4)] == [1, 1, 1, 1]
+    # frequency: each occurrence costs 2 (token 1: 5, 3, 3, 1); presence: 2 once, however often it recurs
+    fp = RowSampler(SamplingParams(temperature=0, frequency_penalty=2.0))
+    assert [fp(logits) for _ in range(4)] == [1, 2, 1, 3]
+    pp = RowSampler(SamplingParams(temperature=0, presence_penalty=2.0))
+    assert [pp(logits) for _ in range(4)] == [1, 2, 1, 1]
+    rp = RowSampler(SamplingParams(temperature=0, repetition_penalty=2.0), prompt_ids=[1])
+    assert rp(logits) == 2  # token 1 is in the prompt: 5 / 2 < 4
+
+
 def test_stop_string_is_held_back_then_cut(tok) -> None:
     ids = tok("Hello world. The END is near")["input_ids"]
     asm = TextAssembler(tok, ("END",))
