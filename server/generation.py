@@ -11,7 +11,7 @@ from router.base import BASE_ADAPTER, Decision
 
 from .engine.engine import Engine
 from .engine.requests import Done, Event, Failed, GenerationRequest
-from .engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams, TokenLogprob
 from .errors import GenerationFailed, PromptTooLong
 from .threads import in_own_thread
 
@@ -25,6 +25,12 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+    @classmethod
+    def of(cls, done: Done) -> Result:
+        return cls(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.timings,
+                   done.logprobs)
 
 
 class Generator:

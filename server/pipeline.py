@@ -15,7 +15,7 @@ from typing import Any
 from router.base import BASE_ADAPTER, Decision
 
 from .engine.requests import Delta, Done
-from .engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams, TokenLogprob
 from .errors import status_of
 from .generation import Result
 from .response_cache import cache_key, is_cacheable
@@ -75,13 +75,15 @@ async def _store(core: AppState, key: str | None, deltas: list[str], result: Res
     if key is None or result.finish_reason == "cancelled":
         return
     body = {"deltas": deltas, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens}
+            "completion_tokens": result.completion_tokens,
+            "logprobs": [[t.token, t.logprob, [list(p) for p in t.top]] for t in result.logprobs]}
     await core.cache.set(key, json.dumps(body).encode())
 
 
 def _from_cache(hit: dict) -> Result:
+    logprobs = tuple(TokenLogprob(t, lp, tuple((i, v) for i, v in top)) for t, lp, top in hit.get("logprobs", ()))
     return Result("".join(hit["deltas"]), hit["finish_reason"], hit["prompt_tokens"], hit["completion_tokens"],
-                  {"cached": 1.0})
+                  {"cached": 1.0}, logprobs)
 
 
 def _observe(core: AppState, job: Job, result: Result | None, status: int) -> None:
@@ -114,7 +116,7 @@ async def run(core: AppState, job: Job, found: Lookup) -> Outcome:
         result = None
         async for ev in core.generator.stream(job.ids, job.decision, job.params, deltas=False):
             if isinstance(ev, Done):
-                result = Result(ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.timings)
+                result = Result.of(ev)
     except Exception as e:
         _observe(core, job, None, status_of(e))
         raise
@@ -124,28 +126,34 @@ async def run(core: AppState, job: Job, found: Lookup) -> Outcome:
     return Outcome(result, False)
 
 
-async def stream(core: AppState, job: Job, found: Lookup) -> AsyncIterator[tuple[str, Result | None]]:
-    """Yield ``(delta, None)`` pieces, then ``("", result)`` once. A cache hit replays its stored pieces."""
+Piece = tuple[str, tuple[TokenLogprob, ...], Result | None]
+
+
+async def stream(core: AppState, job: Job, found: Lookup) -> AsyncIterator[Piece]:
+    """Yield ``(delta, its tokens' logprobs, None)`` pieces, then ``("", logprobs not sent yet, result)`` once (the
+    logprobs of all pieces make ``result.logprobs``). A cache hit replays its stored pieces."""
     key, hit = found.key, found.hit
     if hit is not None:
         for d in hit["deltas"]:
-            yield d, None
+            yield d, (), None
         result = _from_cache(hit)
         _observe(core, job, result, 200)
-        yield "", result
+        yield "", result.logprobs, result
         return
     deltas: list[str] = []
+    sent = 0
     try:
         async for ev in core.generator.stream(job.ids, job.decision, job.params):
             if isinstance(ev, Delta):
                 if ev.text:
                     deltas.append(ev.text)
-                    yield ev.text, None
+                    sent += len(ev.logprobs)
+                    yield ev.text, ev.logprobs, None
             elif isinstance(ev, Done):
-                result = Result(ev.text, ev.finish_reason, ev.prompt_tokens, ev.completion_tokens, ev.timings)
+                result = Result.of(ev)
                 await _store(core, key, deltas, result)
                 _observe(core, job, result, 200)
-                yield "", result
+                yield "", result.logprobs[sent:], result
                 return
     except BaseException as e:
         _observe(core, job, None, status_of(e))

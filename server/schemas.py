@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .engine.sampling import SamplingParams
 
 MAX_STOP = 8
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; vLLM's default max_logprobs)
 
 
 class _Sampling(BaseModel):
@@ -48,13 +49,18 @@ class _Sampling(BaseModel):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.repetition_penalty, logprobs=self.logprob_count(),
         )
+
+    def logprob_count(self) -> int | None:
+        """How many top alternatives to report with each output token's log-probability; None: no logprobs."""
+        return None
 
     def cache_fields(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                 "stop": self.stop, "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty}
+                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
+                "logprobs": self.logprob_count()}
 
 
 class StreamOptions(BaseModel):
@@ -73,7 +79,8 @@ class _OpenAIRequest(_Sampling):
 class CompletionRequest(_OpenAIRequest):
     prompt: str | list[str]
     echo: bool = False
-    logprobs: int | None = Field(None, le=0, description="Not supported.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                 description="Each output token's log-probability and this many top alternatives.")
     best_of: int | None = Field(None, ge=1, le=1, description="Only best_of=1 is supported.")
     suffix: str | None = Field(None, max_length=0, description="Not supported.")
 
@@ -91,6 +98,9 @@ class CompletionRequest(_OpenAIRequest):
         if self.echo:
             raise ValueError("echo=true is not supported")
         return self
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -113,17 +123,23 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = Field(False, description="Not supported.")
+    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description="Alternatives per token (needs logprobs).")
 
     @model_validator(mode="after")
     def _checks(self) -> "ChatCompletionRequest":
-        if self.logprobs:
-            raise ValueError("logprobs are not supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         for m in self.messages:
             m.text()
         return self
+
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class GenerateRequest(_Sampling):

@@ -44,7 +44,7 @@ async def generate(body: GenerateRequest, core: Core, request: Request):
         return JSONResponse(_body(out.result.text, job, out.result, out.cached), headers=headers)
 
     async def events() -> AsyncIterator[str]:
-        async for text, result in pipeline.stream(core, job, found):
+        async for text, _, result in pipeline.stream(core, job, found):
             if result is None:
                 yield f"data: {json.dumps({'text': text})}\n\n"
             else:

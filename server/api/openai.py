@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from .. import pipeline
 from ..deps import Core
 from .disconnect import unless_disconnected
+from .logprobs import LogprobFormatter
 from ..generation import Result
 from ..pipeline import Job, route_dict
 from ..schemas import ChatCompletionRequest, CompletionRequest
@@ -50,10 +51,12 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
     obj = "chat.completion" if chat else "text_completion"
     found = await pipeline.lookup(core, job)
     route = route_dict(job.decision)
+    fmt = LogprobFormatter(core.generator.tokenizer, chat) if job.params.logprobs is not None else None
     if not stream:
         out = await unless_disconnected(request, pipeline.run(core, job, found))
         r = out.result
-        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason,
+                                  "logprobs": fmt(r.logprobs) if fmt else None}
         if chat:
             choice["message"] = {"role": "assistant", "content": r.text}
         else:
@@ -64,8 +67,8 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    def chunk(text: str | None, finish: str | None, first: bool = False, lps: tuple = ()) -> dict[str, Any]:
+        c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": fmt(lps) if fmt and lps else None}
         if chat:
             delta: dict[str, Any] = {}
             if first:
@@ -81,11 +84,11 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
     async def events() -> AsyncIterator[str]:
         if chat:
             yield _sse(chunk(None, None, first=True))
-        async for text, result in pipeline.stream(core, job, found):
+        async for text, lps, result in pipeline.stream(core, job, found):
             if result is None:
-                yield _sse(chunk(text, None))
+                yield _sse(chunk(text, None, lps=lps))
                 continue
-            yield _sse(chunk(None, result.finish_reason))
+            yield _sse(chunk(None, result.finish_reason, lps=lps))
             if include_usage:
                 yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
                             "usage": _usage(result), "route": route})

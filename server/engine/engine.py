@@ -28,7 +28,7 @@ from adapters_store.weights import AdapterWeights
 from .lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
 from .model_runner import ModelRunner
 from .requests import Delta, Done, Failed, GenerationRequest, Overloaded
-from .sampling import RowSampler, TextAssembler
+from .sampling import RowSampler, TextAssembler, TokenLogprob
 from .slots import AdapterKey, NoSlotFree, SlotTable
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,13 @@ class _Row:
     pinned: bool = False  # holds a pin on its slot (released exactly once)
     finish: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
+    logprobs_sent: int = 0  # of those, how many went out with deltas
+
+    def unsent_logprobs(self) -> tuple[TokenLogprob, ...]:
+        out = tuple(self.logprobs[self.logprobs_sent:])
+        self.logprobs_sent = len(self.logprobs)
+        return out
 
 
 class Engine:
@@ -392,7 +399,7 @@ class Engine:
         logits = self.runner.prefill(list(range(base, base + len(new))), [r.req.prompt_ids for r in new])
         self._rows.extend(new)
         for row, lg in zip(new, logits):
-            self._accept(row, row.sampler(lg))
+            self._accept(row, row.sampler(lg), lg)
         self._retire()
 
     # ---- decoding ------------------------------------------------------------------------------------
@@ -404,10 +411,10 @@ class Engine:
         self._hook("decode_step", len(rows))
         for row, lg in zip(rows, logits):
             row.length += 1
-            self._accept(row, row.sampler(lg))
+            self._accept(row, row.sampler(lg), lg)
         self._retire()
 
-    def _accept(self, row: _Row, token: int) -> None:
+    def _accept(self, row: _Row, token: int, logits: torch.Tensor) -> None:
         now = time.perf_counter()
         if row.generated == 0:
             row.first_token_at = now
@@ -420,9 +427,11 @@ class Engine:
         if token in self.eos_ids and not p.ignore_eos:
             row.finish = "stop"
             return
+        if p.logprobs is not None:
+            row.logprobs.append(TokenLogprob.of(logits, token, p.logprobs))
         delta = row.text.add(token)
         if delta and row.req.deltas:
-            row.req.emit(Delta(delta, token))
+            row.req.emit(Delta(delta, token, row.unsent_logprobs()))
         if row.text.stopped:
             row.finish = "stop"
         elif row.generated >= p.max_tokens or row.length + 1 >= self.runner.max_len:
@@ -443,10 +452,11 @@ class Engine:
             self._unpin(row)
             tail = row.text.finish() if row.finish != "stop" or not row.text.stopped else ""
             if tail and row.finish != "cancelled" and row.req.deltas:
-                row.req.emit(Delta(tail, -1))
+                row.req.emit(Delta(tail, -1, row.unsent_logprobs()))
             now = time.perf_counter()
             row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
-            row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text))
+            row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text,
+                              tuple(row.logprobs)))
         self._rows = keep
         if not keep:
             self.runner.shrink()

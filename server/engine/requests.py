@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 
 _ids = itertools.count(1)
 
@@ -25,10 +25,12 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class Delta:
-    """New text (possibly empty while a stop string is undecided) and the token that produced it."""
+    """New text and the token that completed it; ``logprobs``: of the tokens since the previous delta, when the
+    request asked for them."""
 
     text: str
     token_id: int
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Done:
     completion_tokens: int
     timings: dict[str, float]
     text: str = ""  # the whole text: the deltas joined, or the only text a request without deltas gets
+    logprobs: tuple[TokenLogprob, ...] = ()  # of every output token but EOS, when the request asked for them
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logprobs: int | None = None  # report each output token's log-probability and this many top alternatives
 
     @property
     def greedy(self) -> bool:
@@ -38,6 +39,25 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the model (before penalties and temperature, as vLLM reports
+    them), and the ``top`` most likely tokens with theirs."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            vals, ids = torch.topk(lp, k)
+            top = tuple(zip(ids.tolist(), vals.tolist()))
+        return cls(token, float(lp[token]), top)
 
 
 class RowSampler:

@@ -194,6 +194,78 @@ def test_penalties_steer_the_text_and_key_the_cache(server) -> None:
     assert r.json()["text"] == complete(server, **body, frequency_penalty=2.0)["choices"][0]["text"]
 
 
+def _peft_logprobs(model_dir, adapter_dir, prompt: str, n: int, k: int) -> tuple[list[str], list[float], list[dict]]:
+    """Greedy tokens of PEFT's model with the adapter, their log-probabilities and the top k of each step."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      adapter_dir).eval()
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+                             output_logits=True, return_dict_in_generate=True)
+    tokens, lps, tops = [], [], []
+    for step, t in zip(out.logits, out.sequences[0, ids.shape[1]:].tolist()):
+        lp = torch.log_softmax(step[0].float(), -1)
+        tokens.append(tok.decode([t]))
+        lps.append(float(lp[t]))
+        vals, idx = torch.topk(lp, k)
+        tops.append({tok.decode([i]): v for i, v in zip(idx.tolist(), vals.tolist())})
+    return tokens, lps, tops
+
+
+def test_logprobs_equal_peft_and_stream_cache_and_chat_agree(server, tiny_llama_dir, tiny_adapters) -> None:
+    body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "logprobs": 3}
+    got = complete(server, **body)["choices"][0]
+    tokens, lps, tops = _peft_logprobs(tiny_llama_dir, tiny_adapters / "alpha", body["prompt"], 6, 3)
+    lp = got["logprobs"]
+    assert lp["tokens"] == tokens and "".join(tokens) == got["text"]
+    assert lp["token_logprobs"] == pytest.approx(lps, abs=1e-4)
+    for mine, ref in zip(lp["top_logprobs"], tops):
+        assert mine.keys() == ref.keys() and list(mine.values()) == pytest.approx(list(ref.values()), abs=1e-4)
+    assert lp["text_offset"] == [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    cached = complete(server, **body)
+    assert cached["cached"] is True and cached["choices"][0]["logprobs"] == lp
+    _, chunks = stream_text(server, "/v1/completions", {**body, "stop": ["<never generated>"]})  # a fresh run
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert sum((c["tokens"] for c in streamed), []) == tokens
+    assert sum((c["token_logprobs"] for c in streamed), []) == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    assert [o for c in streamed for o in c["text_offset"]] == lp["text_offset"]
+    assert "logprobs" in complete(server, "alpha", "Once upon a time", max_tokens=2)["choices"][0]
+    assert complete(server, "alpha", "Once upon a time", max_tokens=2)["choices"][0]["logprobs"] is None
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    kw = {"model": "beta", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0,
+          "logprobs": True, "top_logprobs": 2}
+    chat = client.chat.completions.create(**kw)
+    content = chat.choices[0].logprobs.content
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for c in content:  # greedy: the chosen token is the most likely one
+        assert len(c.top_logprobs) == 2 and c.logprob == pytest.approx(c.top_logprobs[0].logprob) and c.logprob <= 0
+        assert c.bytes == list(c.token.encode())
+    pieces = list(client.chat.completions.create(**kw, stream=True, stop=["<never generated>"]))
+    streamed_chat = [e for p in pieces if p.choices and p.choices[0].logprobs for e in p.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 5)) for e in streamed_chat] == [(c.token, round(c.logprob, 5)) for c in content]
+
+
+@pytest.mark.parametrize("body", [{"logprobs": 21}, {"logprobs": -1}])
+def test_completion_logprobs_out_of_range_is_422(server, body: dict) -> None:
+    r = post(server, "/v1/completions", {"model": "alpha", "prompt": "x", **body})
+    assert r.status_code == 422 and "logprobs" in r.json()["error"]["message"]
+
+
+def test_chat_top_logprobs_needs_logprobs(server) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "alpha", "messages": [{"role": "user", "content": "x"}],
+                                             "top_logprobs": 2})
+    assert r.status_code == 422 and "top_logprobs" in r.json()["error"]["message"]
+
+
 def test_generate_endpoint_shape(server) -> None:
     r = post(server, "/v1/generate", {"prompt": "Hello", "adapter": "beta", "max_tokens": 4, "temperature": 0})
     body = r.json()

@@ -1,0 +1,35 @@
+"""Output-token log-probabilities in the two shapes OpenAI's API uses: the legacy completions object and chat's
+``content`` list. Token strings are each token decoded on its own (special tokens included)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..engine.sampling import TokenLogprob
+
+
+class LogprobFormatter:
+    """Formats a request's logprobs piece by piece; completions' ``text_offset`` runs on across pieces."""
+
+    def __init__(self, tokenizer: Any, chat: bool) -> None:
+        self.tokenizer, self.chat, self.offset = tokenizer, chat, 0  # offsets count from the completion's start
+
+    def _text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def __call__(self, lps: Sequence[TokenLogprob]) -> dict[str, Any]:
+        if self.chat:
+            return {"content": [{**self._entry(t.token, t.logprob),
+                                 "top_logprobs": [self._entry(i, lp) for i, lp in t.top]} for t in lps]}
+        tokens = [self._text(t.token) for t in lps]
+        offsets = []
+        for s in tokens:
+            offsets.append(self.offset)
+            self.offset += len(s)
+        return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
+                "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in lps], "text_offset": offsets}
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        s = self._text(token)
+        return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
