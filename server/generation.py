@@ -26,11 +26,12 @@ class Result:
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     @classmethod
     def of(cls, done: Done) -> Result:
         return cls(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.timings,
-                   done.logprobs)
+                   done.logprobs, done.prompt_logprobs)
 
 
 class Generator:

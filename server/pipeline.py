@@ -75,15 +75,22 @@ async def _store(core: AppState, key: str | None, deltas: list[str], result: Res
     if key is None or result.finish_reason == "cancelled":
         return
     body = {"deltas": deltas, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "logprobs": [[t.token, t.logprob, [list(p) for p in t.top]] for t in result.logprobs]}
+            "completion_tokens": result.completion_tokens, "logprobs": _stored(result.logprobs),
+            "prompt_logprobs": _stored(result.prompt_logprobs)}
     await core.cache.set(key, json.dumps(body).encode())
 
 
+def _stored(lps: tuple[TokenLogprob, ...]) -> list:
+    return [[t.token, t.logprob, [list(p) for p in t.top]] for t in lps]
+
+
+def _loaded(stored: list) -> tuple[TokenLogprob, ...]:
+    return tuple(TokenLogprob(t, lp, tuple((i, v) for i, v in top)) for t, lp, top in stored)
+
+
 def _from_cache(hit: dict) -> Result:
-    logprobs = tuple(TokenLogprob(t, lp, tuple((i, v) for i, v in top)) for t, lp, top in hit.get("logprobs", ()))
     return Result("".join(hit["deltas"]), hit["finish_reason"], hit["prompt_tokens"], hit["completion_tokens"],
-                  {"cached": 1.0}, logprobs)
+                  {"cached": 1.0}, _loaded(hit.get("logprobs", [])), _loaded(hit.get("prompt_logprobs", [])))
 
 
 def _observe(core: AppState, job: Job, result: Result | None, status: int) -> None:

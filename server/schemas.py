@@ -50,17 +50,22 @@ class _Sampling(BaseModel):
             seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logprobs=self.logprob_count(),
+            prompt_logprobs=self.prompt_logprob_count(),
         )
 
     def logprob_count(self) -> int | None:
         """How many top alternatives to report with each output token's log-probability; None: no logprobs."""
         return None
 
+    def prompt_logprob_count(self) -> int | None:
+        """The same for the prompt's tokens (completions' ``echo``)."""
+        return None
+
     def cache_fields(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
                 "stop": self.stop, "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
                 "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-                "logprobs": self.logprob_count()}
+                "logprobs": self.logprob_count(), "prompt_logprobs": self.prompt_logprob_count()}
 
 
 class StreamOptions(BaseModel):
@@ -94,13 +99,16 @@ class CompletionRequest(_OpenAIRequest):
         return v
 
     @model_validator(mode="after")
-    def _no_echo(self) -> "CompletionRequest":
-        if self.echo:
-            raise ValueError("echo=true is not supported")
+    def _echo_logprobs_not_streamed(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not streamed; set stream=false")
         return self
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:
+        return self.logprobs if self.echo else None
 
 
 class ChatMessage(BaseModel):

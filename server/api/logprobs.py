@@ -30,6 +30,17 @@ class LogprobFormatter:
         return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
                 "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in lps], "text_offset": offsets}
 
+    def prompt(self, ids: Sequence[int], scored: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """Completions' entries for the prompt (``echo``): its first token has no log-probability."""
+        tokens = [self._text(t) for t in ids]
+        offsets = []
+        for s in tokens:
+            offsets.append(self.offset)
+            self.offset += len(s)
+        return {"tokens": tokens, "token_logprobs": [None, *(t.logprob for t in scored)],
+                "top_logprobs": [None, *({self._text(i): lp for i, lp in t.top} for t in scored)],
+                "text_offset": offsets}
+
     def _entry(self, token: int, logprob: float) -> dict[str, Any]:
         s = self._text(token)
         return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}

@@ -16,12 +16,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from .. import pipeline
 from ..deps import Core
-from .disconnect import unless_disconnected
-from .logprobs import LogprobFormatter
 from ..generation import Result
 from ..pipeline import Job, route_dict
 from ..schemas import ChatCompletionRequest, CompletionRequest
 from ..state import AppState
+from .disconnect import unless_disconnected
+from .logprobs import LogprobFormatter
 
 router = APIRouter(prefix="/v1")
 
@@ -45,7 +45,8 @@ def _headers(found: pipeline.Lookup) -> dict[str, str]:
 
 
 async def _respond(request: Request, core: AppState, job: Job, model: str, chat: bool, include_usage: bool,
-                   stream: bool) -> JSONResponse | StreamingResponse:
+                   stream: bool, echo: str = "") -> JSONResponse | StreamingResponse:
+    """``echo``: the prompt, which a completion then starts with (and, with logprobs, its tokens' logprobs)."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
@@ -55,12 +56,17 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
     if not stream:
         out = await unless_disconnected(request, pipeline.run(core, job, found))
         r = out.result
-        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason,
-                                  "logprobs": fmt(r.logprobs) if fmt else None}
+        logprobs = None
+        if fmt is not None:
+            prompt = fmt.prompt(job.ids, r.prompt_logprobs) if echo else None
+            logprobs = fmt(r.logprobs)
+            if prompt is not None:
+                logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": logprobs}
         if chat:
             choice["message"] = {"role": "assistant", "content": r.text}
         else:
-            choice["text"] = r.text
+            choice["text"] = echo + r.text
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
                 "usage": _usage(r), "route": route, "cached": out.cached}
         return JSONResponse(body, headers=_headers(found))
@@ -84,6 +90,8 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
     async def events() -> AsyncIterator[str]:
         if chat:
             yield _sse(chunk(None, None, first=True))
+        if echo:
+            yield _sse(chunk(echo, None))
         async for text, lps, result in pipeline.stream(core, job, found):
             if result is None:
                 yield _sse(chunk(text, None, lps=lps))
@@ -105,7 +113,8 @@ async def completions(body: CompletionRequest, core: Core, request: Request):
     fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
     job = Job("completions", ids, decision, body.sampling(max_tokens), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, job, body.model, False, include_usage, body.stream)
+    return await _respond(request, core, job, body.model, False, include_usage, body.stream,
+                          body.prompt if body.echo else "")
 
 
 @router.post("/chat/completions")

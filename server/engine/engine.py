@@ -67,6 +67,7 @@ class _Row:
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
     logprobs_sent: int = 0  # of those, how many went out with deltas
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
     def unsent_logprobs(self) -> tuple[TokenLogprob, ...]:
         out = tuple(self.logprobs[self.logprobs_sent:])
@@ -396,9 +397,12 @@ class Engine:
         # Several adapters: row by row (no row pays for the others' ranks; see packed_lora.py). A decode step
         # keeps the mask: one token per row, and its copies of the slots stay put while per-row ones would not.
         self._set_lora_batch(new, per_row=len({r.slot for r in new if r.slot >= 0}) > 1)
-        logits = self.runner.prefill(list(range(base, base + len(new))), [r.req.prompt_ids for r in new])
+        logits, scored = self.runner.prefill_scored(list(range(base, base + len(new))),
+                                                    [r.req.prompt_ids for r in new],
+                                                    [r.req.params.prompt_logprobs for r in new])
         self._rows.extend(new)
-        for row, lg in zip(new, logits):
+        for row, lg, prompt_lps in zip(new, logits, scored):
+            row.prompt_logprobs = tuple(prompt_lps or ())
             self._accept(row, row.sampler(lg), lg)
         self._retire()
 
@@ -456,7 +460,7 @@ class Engine:
             now = time.perf_counter()
             row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
             row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text,
-                              tuple(row.logprobs)))
+                              tuple(row.logprobs), row.prompt_logprobs))
         self._rows = keep
         if not keep:
             self.runner.shrink()

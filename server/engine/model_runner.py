@@ -11,11 +11,16 @@ contiguously (``compact`` moves the last row into a freed hole), so a decode ste
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .sampling import TokenLogprob
+
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SCORE_CHUNK = 256  # prompt positions whose vocabulary logits are materialised at once when scoring a prompt
 
 
 class UnsupportedModel(RuntimeError):
@@ -124,6 +129,13 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, rows: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Run whole prompts for cache ``rows`` (right-padded together); returns last-token logits (N, V)."""
+        return self.prefill_scored(rows, prompts, [None] * len(prompts))[0]
+
+    @torch.inference_mode()
+    def prefill_scored(self, rows: list[int], prompts: list[list[int]], top: Sequence[int | None]
+                       ) -> tuple[torch.Tensor, list[list[TokenLogprob] | None]]:
+        """``prefill``, and for each prompt whose ``top`` is not None, the log-probability of every token after
+        the first given the ones before it, with ``top`` alternatives each (``echo`` with ``logprobs``)."""
         lens = [len(p) for p in prompts]
         N, T = len(prompts), max(lens)
         self.ensure_capacity(T)
@@ -147,7 +159,23 @@ class ModelRunner:
         for i in range(len(self.layers)):
             h = self._layer(i, h, rope, attend)
         last = torch.tensor([n - 1 for n in lens], device=self.device)
-        return self._logits(h[torch.arange(N, device=self.device), last])
+        scored = [None if k is None else self._score(h[r, : lens[r]], prompts[r], k) for r, k in enumerate(top)]
+        return self._logits(h[torch.arange(N, device=self.device), last]), scored
+
+    def _score(self, h: torch.Tensor, prompt: list[int], k: int) -> list[TokenLogprob]:
+        """``prompt[j + 1]``'s log-probability from the hidden state at ``j`` (``h (len, H)``), in chunks."""
+        nxt = torch.tensor(prompt[1:], dtype=torch.long, device=self.device)
+        out: list[TokenLogprob] = []
+        for s in range(0, len(prompt) - 1, SCORE_CHUNK):
+            lp = torch.log_softmax(self._logits(h[s: s + SCORE_CHUNK][: len(nxt) - s]), dim=-1)  # (c, V)
+            ids = nxt[s: s + lp.shape[0]]
+            chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
+            tops = [()] * len(chosen)
+            if k:
+                vals, idx = lp.topk(k, dim=-1)
+                tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+            out += [TokenLogprob(t, c, tp) for t, c, tp in zip(ids.tolist(), chosen, tops)]
+        return out
 
     @torch.inference_mode()
     def decode(self, tokens: list[int], lens: list[int]) -> torch.Tensor:

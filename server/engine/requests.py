@@ -41,6 +41,7 @@ class Done:
     timings: dict[str, float]
     text: str = ""  # the whole text: the deltas joined, or the only text a request without deltas gets
     logprobs: tuple[TokenLogprob, ...] = ()  # of every output token but EOS, when the request asked for them
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # of the prompt's tokens after the first, when asked for
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # report each output token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens after the first (echo)
 
     @property
     def greedy(self) -> bool:

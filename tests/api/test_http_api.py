@@ -99,7 +99,7 @@ def test_prompt_too_long_is_400_with_counts(server) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("stop", ["a"] * 9), ("echo", True),
+    ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("stop", ["a"] * 9), ("best_of", 2),
     ("top_k", -5), ("seed", -1), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
 ])
 def test_invalid_parameters_are_422_naming_the_field(server, field: str, value: object) -> None:
@@ -232,8 +232,8 @@ def test_logprobs_equal_peft_and_stream_cache_and_chat_agree(server, tiny_llama_
     assert cached["cached"] is True and cached["choices"][0]["logprobs"] == lp
     _, chunks = stream_text(server, "/v1/completions", {**body, "stop": ["<never generated>"]})  # a fresh run
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
-    assert sum((c["tokens"] for c in streamed), []) == tokens
-    assert sum((c["token_logprobs"] for c in streamed), []) == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    assert [t for c in streamed for t in c["tokens"]] == tokens
+    assert [v for c in streamed for v in c["token_logprobs"]] == pytest.approx(lp["token_logprobs"], abs=1e-6)
     assert [o for c in streamed for o in c["text_offset"]] == lp["text_offset"]
     assert "logprobs" in complete(server, "alpha", "Once upon a time", max_tokens=2)["choices"][0]
     assert complete(server, "alpha", "Once upon a time", max_tokens=2)["choices"][0]["logprobs"] is None
@@ -252,6 +252,39 @@ def test_logprobs_equal_peft_and_stream_cache_and_chat_agree(server, tiny_llama_
     pieces = list(client.chat.completions.create(**kw, stream=True, stop=["<never generated>"]))
     streamed_chat = [e for p in pieces if p.choices and p.choices[0].logprobs for e in p.choices[0].logprobs.content]
     assert [(e.token, round(e.logprob, 5)) for e in streamed_chat] == [(c.token, round(c.logprob, 5)) for c in content]
+
+
+def test_echo_gives_the_prompt_and_its_logprobs(server, tiny_llama_dir, tiny_adapters) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompt = "Once upon a time"
+    body = {"model": "alpha", "prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True}
+    plain = complete(server, **body)["choices"][0]["text"]
+    echoed = complete(server, **body, echo=True)["choices"][0]
+    assert echoed["text"] == prompt + plain and echoed["logprobs"] is None
+    assert stream_text(server, "/v1/completions", {**body, "echo": True})[0] == echoed["text"]
+
+    scored = complete(server, **body, echo=True, logprobs=2)["choices"][0]["logprobs"]
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tok(prompt)["input_ids"]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
+                                      tiny_adapters / "alpha").eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    want = lp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+    n = len(ids)
+    assert scored["tokens"][:n] == [tok.decode([i]) for i in ids]
+    assert scored["token_logprobs"][0] is None and scored["top_logprobs"][0] is None
+    assert scored["token_logprobs"][1:n] == pytest.approx(want, abs=1e-4)
+    assert all(len(t) == 2 for t in scored["top_logprobs"][1:])
+    output = complete(server, **body, logprobs=2)["choices"][0]["logprobs"]
+    assert scored["tokens"][n:] == output["tokens"]
+    assert scored["token_logprobs"][n:] == pytest.approx(output["token_logprobs"], abs=1e-6)
+    assert scored["text_offset"] == [sum(len(t) for t in scored["tokens"][:i]) for i in range(len(scored["tokens"]))]
+    r = post(server, "/v1/completions", {**body, "echo": True, "logprobs": 1, "stream": True})
+    assert r.status_code == 422 and "stream=false" in r.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("body", [{"logprobs": 21}, {"logprobs": -1}])
