@@ -12,7 +12,7 @@ from router.base import BASE_ADAPTER, Decision
 from .engine.engine import Engine
 from .engine.requests import Done, Event, Failed, GenerationRequest
 from .engine.sampling import SamplingParams, TokenLogprob
-from .errors import GenerationFailed, PromptTooLong
+from .errors import GenerationFailed, InvalidPrompt, PromptTooLong
 from .threads import in_own_thread
 
 
@@ -37,15 +37,27 @@ class Result:
 class Generator:
     """Thin asyncio front of the engine thread. One per app."""
 
-    def __init__(self, engine: Engine, tokenizer: object, max_len: int,
+    def __init__(self, engine: Engine, tokenizer: object, max_len: int, vocab_size: int,
                  prefetch: Callable[[tuple[str, int]], None] | None = None,
                  is_warm: Callable[[tuple[str, int]], bool] = lambda key: False) -> None:
-        self.engine, self.tokenizer, self.max_len = engine, tokenizer, max_len
+        self.engine, self.tokenizer, self.max_len, self.vocab_size = engine, tokenizer, max_len, vocab_size
         self.prefetch = prefetch  # loads an adapter into the CPU tier off the engine thread
         self.is_warm = is_warm  # already in the CPU tier: nothing to prefetch
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
+
+    def prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """A completion prompt's ids: text is tokenized, token ids (OpenAI allows them) are checked."""
+        if isinstance(prompt, str):
+            return self.encode(prompt)
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidPrompt(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt")
+        return list(prompt)
+
+    def prompt_text(self, prompt: str | list[int]) -> str:
+        return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
     def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):

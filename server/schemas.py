@@ -82,7 +82,7 @@ class _OpenAIRequest(_Sampling):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text or token ids.")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Each output token's log-probability and this many top alternatives.")
@@ -91,11 +91,13 @@ class CompletionRequest(_OpenAIRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str:
-        if isinstance(v, list):
+    def _one_prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+        if isinstance(v, list) and (not v or not isinstance(v[0], int)):  # a batch of prompts
             if len(v) != 1:
-                raise ValueError("send one prompt per request (a list of exactly one string)")
+                raise ValueError("send one prompt per request (a list of exactly one string or token id list)")
             v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("a prompt of token ids needs at least one id")
         return v
 
     @model_validator(mode="after")

@@ -66,6 +66,7 @@ def build_state(settings: Settings, metrics: Metrics) -> AppState:
     routing.refit()
     engine.start()
     generator = Generator(engine, loaded.tokenizer, context_length(loaded, mc.max_model_len),
+                          loaded.model.get_input_embeddings().num_embeddings,
                           prefetch=registry.prefetch, is_warm=registry.in_cpu_tier)
     cache = make_cache(settings.cache, metrics)
     log.info("ready: %s on %s/%s with %d adapters in %.1f s", model_id, loaded.device, loaded.dtype,

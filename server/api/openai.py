@@ -107,14 +107,15 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, core: Core, request: Request):
-    decision = await core.routing.decide_async(body.task or body.model, body.prompt)
-    ids = core.generator.encode(body.prompt)
+    text = core.generator.prompt_text(body.prompt)
+    decision = await core.routing.decide_async(body.task or body.model, text)
+    ids = core.generator.prompt_ids(body.prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
     fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
     job = Job("completions", ids, decision, body.sampling(max_tokens), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, core, job, body.model, False, include_usage, body.stream,
-                          body.prompt if body.echo else "")
+                          text if body.echo else "")
 
 
 @router.post("/chat/completions")

@@ -287,6 +287,23 @@ def test_echo_gives_the_prompt_and_its_logprobs(server, tiny_llama_dir, tiny_ada
     assert r.status_code == 422 and "stream=false" in r.json()["error"]["message"]
 
 
+def test_a_prompt_of_token_ids_is_the_prompt_those_ids_spell(server, tiny_llama_dir) -> None:
+    from transformers import AutoTokenizer
+
+    text = "Once upon a time"
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(text)["input_ids"]
+    body = {"model": "alpha", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    want = complete(server, prompt=text, **body)["choices"][0]["text"]
+    for prompt in (ids, [ids]):
+        got = complete(server, prompt=prompt, **body)
+        assert got["choices"][0]["text"] == want and got["usage"]["prompt_tokens"] == len(ids)
+    assert complete(server, prompt=ids, echo=True, **body)["choices"][0]["text"] == text + want
+    r = post(server, "/v1/completions", {"prompt": [5, 10 ** 9], **body})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "1000000000" in r.text
+    for bad in ([], [[]], [[1], [2]]):
+        assert post(server, "/v1/completions", {"prompt": bad, **body}).status_code == 422
+
+
 @pytest.mark.parametrize("body", [{"logprobs": 21}, {"logprobs": -1}])
 def test_completion_logprobs_out_of_range_is_422(server, body: dict) -> None:
     r = post(server, "/v1/completions", {"model": "alpha", "prompt": "x", **body})
