@@ -64,3 +64,23 @@ def test_real_model_answers_sensibly_and_streams(smol_server) -> None:
         "model": base_id, "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 20, "temperature": 0}).json()
     assert "Paris" in r["choices"][0]["message"]["content"]
+
+
+def test_loglikelihood_as_an_evaluation_harness_asks_for_it(smol_server) -> None:
+    """echo + logprobs + max_tokens 1, the request lm-eval's completions model sends: the continuation's
+    log-likelihood is the sum of its tokens' logprobs after the context's."""
+    srv, _ = smol_server
+    base_id = httpx.get(srv.url + "/ready").json()["model"]
+    context = "The capital of France is"
+
+    def loglikelihood(continuation: str) -> float:
+        r = httpx.post(srv.url + "/v1/completions", timeout=120, json={
+            "model": base_id, "prompt": context + continuation, "max_tokens": 1, "temperature": 0, "echo": True,
+            "logprobs": 1}).json()
+        lp = r["choices"][0]["logprobs"]
+        start = next(i for i, off in enumerate(lp["text_offset"]) if off >= len(context))
+        end = len(lp["tokens"]) - 1  # the last entry is the generated token
+        assert "".join(lp["tokens"][:end]) == context + continuation
+        return sum(lp["token_logprobs"][start:end])
+
+    assert loglikelihood(" Paris") > loglikelihood(" London") + 2
