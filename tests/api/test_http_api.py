@@ -235,6 +235,9 @@ def test_logprobs_equal_peft_and_stream_cache_and_chat_agree(server, tiny_llama_
     assert [t for c in streamed for t in c["tokens"]] == tokens
     assert [v for c in streamed for v in c["token_logprobs"]] == pytest.approx(lp["token_logprobs"], abs=1e-6)
     assert [o for c in streamed for o in c["text_offset"]] == lp["text_offset"]
+    _, replayed = stream_text(server, "/v1/completions", body)  # a cache hit, replayed as a stream
+    assert replayed[0]["cached"] is True
+    assert [t for c in replayed if c["choices"][0]["logprobs"] for t in c["choices"][0]["logprobs"]["tokens"]] == tokens
     assert "logprobs" in complete(server, "alpha", "Once upon a time", max_tokens=2)["choices"][0]
     assert complete(server, "alpha", "Once upon a time", max_tokens=2)["choices"][0]["logprobs"] is None
 
