@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .engine.sampling import SamplingParams
 
 MAX_STOP = 8
+MAX_CHOICES = 16  # n per request
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; vLLM's default max_logprobs)
 
 
@@ -76,7 +77,7 @@ class _OpenAIRequest(_Sampling):
     model: str = Field(..., min_length=1, description="An adapter name, the base model id, or 'auto'.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="Only n=1 is supported.")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (seeded: choice i uses seed + i).")
     task: str | None = Field(None, description="Task hint (clora extension): route to this adapter.")
     user: str | None = None
 

@@ -5,10 +5,12 @@ Each response carries the extra field ``route: {adapter, version, method, confid
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,52 +31,107 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512  # chat default, capped by the room left in the context
 
 
-def _usage(r: Result) -> dict[str, int]:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "total_tokens": r.prompt_tokens + r.completion_tokens}
+def _usage(results: list[Result]) -> dict[str, int]:
+    """One prompt, however many choices: its tokens count once."""
+    prompt, completion = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def _headers(found: pipeline.Lookup) -> dict[str, str]:
-    if found.key is None:
+def _headers(founds: list[pipeline.Lookup]) -> dict[str, str]:
+    if founds[0].key is None:
         return {"X-Cache": "bypass"}
-    return {"X-Cache": "hit" if found.hit is not None else "miss"}
+    return {"X-Cache": "hit" if all(f.hit is not None for f in founds) else "miss"}
+
+
+def _samples(job: Job, n: int) -> list[Job]:
+    """The ``n`` jobs of a request asking for ``n`` choices: choice i samples with ``seed + i`` when a seed is
+    given (so choice 0 is what ``n=1`` gives), greedy ones are alike."""
+    if n == 1:
+        return [job]
+    p = job.params
+    seeds = [None if p.seed is None else p.seed + i for i in range(n)]
+    return [replace(job, params=replace(p, seed=s), request_fields={**job.request_fields, "seed": s}) for s in seeds]
+
+
+async def _merged(streams: list[AsyncIterator[pipeline.Piece]]) -> AsyncIterator[tuple[int, pipeline.Piece]]:
+    """The pieces of several streams as they come, each with its stream's index; closing this closes them all."""
+    if len(streams) == 1:
+        async for piece in streams[0]:
+            yield 0, piece
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[pipeline.Piece]) -> None:
+        try:
+            async for piece in stream:
+                await q.put((i, piece))
+            await q.put((i, end))
+        except Exception as e:  # noqa: BLE001 (re-raised by the consumer)
+            await q.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await q.get()
+            if item is end:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
 
 
 async def _respond(request: Request, core: AppState, job: Job, model: str, chat: bool, include_usage: bool,
-                   stream: bool, echo: str = "") -> JSONResponse | StreamingResponse:
-    """``echo``: the prompt, which a completion then starts with (and, with logprobs, its tokens' logprobs)."""
+                   stream: bool, n: int = 1, echo: str = "") -> JSONResponse | StreamingResponse:
+    """``n`` choices; ``echo``: the prompt, which a completion then starts with (and, with logprobs, its tokens'
+    logprobs)."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
-    found = await pipeline.lookup(core, job)
+    jobs = _samples(job, n)
+    founds = [await pipeline.lookup(core, j) for j in jobs]
     route = route_dict(job.decision)
-    fmt = LogprobFormatter(core.generator.tokenizer, chat) if job.params.logprobs is not None else None
+
+    def formatter() -> LogprobFormatter | None:
+        return LogprobFormatter(core.generator.tokenizer, chat) if job.params.logprobs is not None else None
+
     if not stream:
-        out = await unless_disconnected(request, pipeline.run(core, job, found))
-        r = out.result
-        logprobs = None
-        if fmt is not None:
-            prompt = fmt.prompt(job.ids, r.prompt_logprobs) if echo else None
-            logprobs = fmt(r.logprobs)
-            if prompt is not None:
-                logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
-        choice: dict[str, Any] = {"index": 0, "finish_reason": r.finish_reason, "logprobs": logprobs}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": r.text}
-        else:
-            choice["text"] = echo + r.text
-        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                "usage": _usage(r), "route": route, "cached": out.cached}
-        return JSONResponse(body, headers=_headers(found))
+        work = asyncio.gather(*(pipeline.run(core, j, f) for j, f in zip(jobs, founds)))
+        outs = await unless_disconnected(request, work)
+        choices = []
+        for i, out in enumerate(outs):
+            r, fmt, logprobs = out.result, formatter(), None
+            if fmt is not None:
+                prompt = fmt.prompt(job.ids, r.prompt_logprobs) if echo else None
+                logprobs = fmt(r.logprobs)
+                if prompt is not None:
+                    logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
+            choice: dict[str, Any] = {"index": i, "finish_reason": r.finish_reason, "logprobs": logprobs}
+            if chat:
+                choice["message"] = {"role": "assistant", "content": r.text}
+            else:
+                choice["text"] = echo + r.text
+            choices.append(choice)
+        body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+                "usage": _usage([o.result for o in outs]), "route": route, "cached": all(o.cached for o in outs)}
+        return JSONResponse(body, headers=_headers(founds))
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+    fmts = [formatter() for _ in jobs]
+    cached = all(f.hit is not None for f in founds)
 
-    def chunk(text: str | None, finish: str | None, first: bool = False, lps: tuple = ()) -> dict[str, Any]:
-        c: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": fmt(lps) if fmt and lps else None}
+    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, lps: tuple = ()) -> dict[str, Any]:
+        fmt = fmts[i]
+        c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": fmt(lps) if fmt and lps else None}
         if chat:
             delta: dict[str, Any] = {}
             if first:
@@ -85,24 +142,27 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
         else:
             c["text"] = text or ""
         return {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [c],
-                "route": route, "cached": found.hit is not None}
+                "route": route, "cached": cached}
 
     async def events() -> AsyncIterator[str]:
-        if chat:
-            yield _sse(chunk(None, None, first=True))
-        if echo:
-            yield _sse(chunk(echo, None))
-        async for text, lps, result in pipeline.stream(core, job, found):
+        for i in range(len(jobs)):
+            if chat:
+                yield _sse(chunk(i, None, None, first=True))
+            if echo:
+                yield _sse(chunk(i, echo, None))
+        results = []
+        async for i, (text, lps, result) in _merged([pipeline.stream(core, j, f) for j, f in zip(jobs, founds)]):
             if result is None:
-                yield _sse(chunk(text, None, lps=lps))
+                yield _sse(chunk(i, text, None, lps=lps))
                 continue
-            yield _sse(chunk(None, result.finish_reason, lps=lps))
-            if include_usage:
-                yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
-                            "usage": _usage(result), "route": route})
+            yield _sse(chunk(i, None, result.finish_reason, lps=lps))
+            results.append(result)
+        if include_usage:
+            yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
+                        "usage": _usage(results), "route": route})
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(found))
+    return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(founds))
 
 
 @router.post("/completions")
@@ -114,7 +174,7 @@ async def completions(body: CompletionRequest, core: Core, request: Request):
     fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
     job = Job("completions", ids, decision, body.sampling(max_tokens), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, job, body.model, False, include_usage, body.stream,
+    return await _respond(request, core, job, body.model, False, include_usage, body.stream, body.n,
                           text if body.echo else "")
 
 
@@ -130,4 +190,4 @@ async def chat_completions(body: ChatCompletionRequest, core: Core, request: Req
     fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}
     job = Job("chat", ids, decision, body.sampling(max_tokens), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, job, body.model, True, include_usage, body.stream)
+    return await _respond(request, core, job, body.model, True, include_usage, body.stream, body.n)

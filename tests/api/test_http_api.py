@@ -99,7 +99,7 @@ def test_prompt_too_long_is_400_with_counts(server) -> None:
 
 
 @pytest.mark.parametrize("field,value", [
-    ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 2), ("stop", ["a"] * 9), ("best_of", 2),
+    ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 17), ("stop", ["a"] * 9), ("best_of", 2),
     ("top_k", -5), ("seed", -1), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
 ])
 def test_invalid_parameters_are_422_naming_the_field(server, field: str, value: object) -> None:
@@ -178,6 +178,37 @@ def test_stop_strings_cut_the_text(server) -> None:
     streamed, _ = stream_text(server, "/v1/completions", {"model": "alpha", "prompt": "Once upon a time",
                                                           "max_tokens": 20, "temperature": 0, "stop": [stop]})
     assert streamed == cut["choices"][0]["text"]
+
+
+def test_n_choices_whole_and_streamed(server) -> None:
+    body = {"model": "gamma", "prompt": "Dear team, please", "max_tokens": 8, "ignore_eos": True}
+    greedy = complete(server, **body, temperature=0, n=3)
+    assert [c["index"] for c in greedy["choices"]] == [0, 1, 2]
+    assert len({c["text"] for c in greedy["choices"]}) == 1
+    one = complete(server, **body, temperature=0)
+    assert greedy["usage"] == {"prompt_tokens": one["usage"]["prompt_tokens"], "completion_tokens": 24,
+                               "total_tokens": one["usage"]["prompt_tokens"] + 24}
+    seeded = {**body, "temperature": 1.0, "seed": 5}
+    three = [c["text"] for c in complete(server, **seeded, n=3)["choices"]]
+    assert three[0] == complete(server, **seeded)["choices"][0]["text"]  # choice i samples with seed + i
+    assert three[1] == complete(server, **{**seeded, "seed": 6})["choices"][0]["text"] and len(set(three)) == 3
+    pieces: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished = set()
+    _, chunks = stream_text(server, "/v1/completions", {**seeded, "n": 3, "stop": ["<never generated>"],
+                                                        "stream_options": {"include_usage": True}})
+    for c in chunks:
+        for ch in c["choices"]:
+            pieces[ch["index"]] += ch["text"]
+            if ch["finish_reason"]:
+                finished.add(ch["index"])
+    assert [pieces[i] for i in range(3)] == three and finished == {0, 1, 2}
+    assert chunks[-1]["usage"]["completion_tokens"] == 24
+
+    from openai import OpenAI
+
+    chat = OpenAI(base_url=server.url + "/v1", api_key="unused").chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0.8, seed=1, n=2)
+    assert [c.index for c in chat.choices] == [0, 1] and chat.usage.completion_tokens <= 8
 
 
 def test_penalties_steer_the_text_and_key_the_cache(server) -> None:
@@ -328,11 +359,13 @@ def test_generate_endpoint_shape(server) -> None:
     assert t["text"] == body["text"]
 
 
-def test_disconnect_frees_the_row(server) -> None:
-    """A client that goes away stops its generation: far fewer tokens are generated than it asked for."""
+@pytest.mark.parametrize("n", [1, 3])
+def test_disconnect_frees_the_row(server, n: int) -> None:
+    """A client that goes away stops its generation (every choice of it): far fewer tokens are generated than it
+    asked for."""
     before = server.metric("clora_generated_tokens_total", {"adapter": "alpha"}, default=0.0)
     body = {"model": "alpha", "prompt": "Once upon a time", "max_tokens": 500, "ignore_eos": True, "stream": True,
-            "temperature": 0}
+            "temperature": 0, "n": n}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i > 6:
@@ -343,4 +376,4 @@ def test_disconnect_frees_the_row(server) -> None:
     assert server.metric("clora_requests_running") == 0
     time.sleep(0.3)
     generated = server.metric("clora_generated_tokens_total", {"adapter": "alpha"}, default=0.0) - before
-    assert generated < 500, f"{generated} tokens generated for a client that left after 7 chunks"
+    assert generated < 500, f"{generated} tokens generated for a client that left after 7 chunks"  # of 500 n
