@@ -5,11 +5,12 @@ Shared by the OpenAI endpoints and ``/v1/generate``; they only differ in how the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from router.base import BASE_ADAPTER, Decision
@@ -166,3 +167,60 @@ async def stream(core: AppState, job: Job, found: Lookup) -> AsyncIterator[Piece
         _observe(core, job, None, status_of(e))
         raise
 
+
+def samples(job: Job, n: int) -> list[Job]:
+    """The ``n`` jobs of a request asking for ``n`` choices: choice i samples with ``seed + i`` when a seed is
+    given (so choice 0 is what ``n=1`` gives), greedy ones are alike."""
+    if n == 1:
+        return [job]
+    p = job.params
+    seeds = [None if p.seed is None else p.seed + i for i in range(n)]
+    return [replace(job, params=replace(p, seed=s), request_fields={**job.request_fields, "seed": s}) for s in seeds]
+
+
+async def _merged(streams: list[AsyncIterator[Piece]]) -> AsyncIterator[tuple[int, Piece]]:
+    """The pieces of several streams as they come, each with its stream's index; closing this closes them all."""
+    if len(streams) == 1:
+        async for piece in streams[0]:
+            yield 0, piece
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(i: int, stream: AsyncIterator[Piece]) -> None:
+        try:
+            async for piece in stream:
+                await q.put((i, piece))
+            await q.put((i, end))
+        except Exception as e:  # noqa: BLE001 (re-raised by the consumer)
+            await q.put((i, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(tasks)
+        while left:
+            i, item = await q.get()
+            if item is end:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def run_all(core: AppState, jobs: list[Job], founds: list[Lookup]) -> list[Outcome]:
+    """``run`` for every choice of a request, side by side; one failing (or this being cancelled) stops the rest."""
+    tasks = [asyncio.ensure_future(run(core, j, f)) for j, f in zip(jobs, founds)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def stream_all(core: AppState, jobs: list[Job], founds: list[Lookup]) -> AsyncIterator[tuple[int, Piece]]:
+    """``stream`` for every choice of a request, pieces merged as they come, each with its choice's index."""
+    return _merged([stream(core, j, f) for j, f in zip(jobs, founds)])

@@ -5,12 +5,10 @@ Each response carries the extra field ``route: {adapter, version, method, confid
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -47,47 +45,20 @@ def _headers(founds: list[pipeline.Lookup]) -> dict[str, str]:
     return {"X-Cache": "hit" if all(f.hit is not None for f in founds) else "miss"}
 
 
-def _samples(job: Job, n: int) -> list[Job]:
-    """The ``n`` jobs of a request asking for ``n`` choices: choice i samples with ``seed + i`` when a seed is
-    given (so choice 0 is what ``n=1`` gives), greedy ones are alike."""
-    if n == 1:
-        return [job]
-    p = job.params
-    seeds = [None if p.seed is None else p.seed + i for i in range(n)]
-    return [replace(job, params=replace(p, seed=s), request_fields={**job.request_fields, "seed": s}) for s in seeds]
-
-
-async def _merged(streams: list[AsyncIterator[pipeline.Piece]]) -> AsyncIterator[tuple[int, pipeline.Piece]]:
-    """The pieces of several streams as they come, each with its stream's index; closing this closes them all."""
-    if len(streams) == 1:
-        async for piece in streams[0]:
-            yield 0, piece
-        return
-    q: asyncio.Queue = asyncio.Queue()
-    end = object()
-
-    async def pump(i: int, stream: AsyncIterator[pipeline.Piece]) -> None:
-        try:
-            async for piece in stream:
-                await q.put((i, piece))
-            await q.put((i, end))
-        except Exception as e:  # noqa: BLE001 (re-raised by the consumer)
-            await q.put((i, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        left = len(tasks)
-        while left:
-            i, item = await q.get()
-            if item is end:
-                left -= 1
-            elif isinstance(item, Exception):
-                raise item
-            else:
-                yield i, item
-    finally:
-        for t in tasks:
-            t.cancel()
+def _choice(i: int, r: Result, fmt: LogprobFormatter | None, prompt_ids: list[int], chat: bool,
+            echo: str) -> dict[str, Any]:
+    logprobs = None
+    if fmt is not None:
+        prompt = fmt.prompt(prompt_ids, r.prompt_logprobs) if echo else None  # first: text offsets run on
+        logprobs = fmt(r.logprobs)
+        if prompt is not None:
+            logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
+    choice: dict[str, Any] = {"index": i, "finish_reason": r.finish_reason, "logprobs": logprobs}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": r.text}
+    else:
+        choice["text"] = echo + r.text
+    return choice
 
 
 async def _respond(request: Request, core: AppState, job: Job, model: str, chat: bool, include_usage: bool,
@@ -97,7 +68,7 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
-    jobs = _samples(job, n)
+    jobs = pipeline.samples(job, n)
     founds = [await pipeline.lookup(core, j) for j in jobs]
     route = route_dict(job.decision)
 
@@ -105,22 +76,8 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
         return LogprobFormatter(core.generator.tokenizer, chat) if job.params.logprobs is not None else None
 
     if not stream:
-        work = asyncio.gather(*(pipeline.run(core, j, f) for j, f in zip(jobs, founds)))
-        outs = await unless_disconnected(request, work)
-        choices = []
-        for i, out in enumerate(outs):
-            r, fmt, logprobs = out.result, formatter(), None
-            if fmt is not None:
-                prompt = fmt.prompt(job.ids, r.prompt_logprobs) if echo else None
-                logprobs = fmt(r.logprobs)
-                if prompt is not None:
-                    logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
-            choice: dict[str, Any] = {"index": i, "finish_reason": r.finish_reason, "logprobs": logprobs}
-            if chat:
-                choice["message"] = {"role": "assistant", "content": r.text}
-            else:
-                choice["text"] = echo + r.text
-            choices.append(choice)
+        outs = await unless_disconnected(request, pipeline.run_all(core, jobs, founds))
+        choices = [_choice(i, out.result, formatter(), job.ids, chat, echo) for i, out in enumerate(outs)]
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
                 "usage": _usage([o.result for o in outs]), "route": route, "cached": all(o.cached for o in outs)}
         return JSONResponse(body, headers=_headers(founds))
@@ -151,7 +108,7 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
             if echo:
                 yield _sse(chunk(i, echo, None))
         results = []
-        async for i, (text, lps, result) in _merged([pipeline.stream(core, j, f) for j, f in zip(jobs, founds)]):
+        async for i, (text, lps, result) in pipeline.stream_all(core, jobs, founds):
             if result is None:
                 yield _sse(chunk(i, text, None, lps=lps))
                 continue
