@@ -22,23 +22,20 @@ class LogprobFormatter:
         if self.chat:
             return {"content": [{**self._entry(t.token, t.logprob),
                                  "top_logprobs": [self._entry(i, lp) for i, lp in t.top]} for t in lps]}
-        tokens = [self._text(t.token) for t in lps]
-        offsets = []
-        for s in tokens:
-            offsets.append(self.offset)
-            self.offset += len(s)
-        return {"tokens": tokens, "token_logprobs": [t.logprob for t in lps],
-                "top_logprobs": [{self._text(i): lp for i, lp in t.top} for t in lps], "text_offset": offsets}
+        return self._completion([t.token for t in lps], list(lps))
 
     def prompt(self, ids: Sequence[int], scored: Sequence[TokenLogprob]) -> dict[str, Any]:
         """Completions' entries for the prompt (``echo``): its first token has no log-probability."""
+        return self._completion(list(ids), [None, *scored])
+
+    def _completion(self, ids: list[int], lps: list[TokenLogprob | None]) -> dict[str, Any]:
         tokens = [self._text(t) for t in ids]
         offsets = []
         for s in tokens:
             offsets.append(self.offset)
             self.offset += len(s)
-        return {"tokens": tokens, "token_logprobs": [None, *(t.logprob for t in scored)],
-                "top_logprobs": [None, *({self._text(i): lp for i, lp in t.top} for t in scored)],
+        return {"tokens": tokens, "token_logprobs": [None if t is None else t.logprob for t in lps],
+                "top_logprobs": [None if t is None else {self._text(i): lp for i, lp in t.top} for t in lps],
                 "text_offset": offsets}
 
     def _entry(self, token: int, logprob: float) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from adapters_store.weights import AdapterWeights
 from .lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
 from .model_runner import ModelRunner
 from .requests import Delta, Done, Failed, GenerationRequest, Overloaded
-from .sampling import RowSampler, TextAssembler, TokenLogprob
+from .sampling import RowSampler, TextAssembler, TokenLogprob, token_logprobs
 from .slots import AdapterKey, NoSlotFree, SlotTable
 
 log = logging.getLogger(__name__)
@@ -432,7 +432,7 @@ class Engine:
             row.finish = "stop"
             return
         if p.logprobs is not None:
-            row.logprobs.append(TokenLogprob.of(logits, token, p.logprobs))
+            row.logprobs += token_logprobs(logits[None], torch.tensor([token], device=logits.device), p.logprobs)
         delta = row.text.add(token)
         if delta and row.req.deltas:
             row.req.emit(Delta(delta, token, row.unsent_logprobs()))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sampling import TokenLogprob
+from .sampling import TokenLogprob, token_logprobs
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SCORE_CHUNK = 256  # prompt positions whose vocabulary logits are materialised at once when scoring a prompt
@@ -166,15 +166,9 @@ class ModelRunner:
         """``prompt[j + 1]``'s log-probability from the hidden state at ``j`` (``h (len, H)``), in chunks."""
         nxt = torch.tensor(prompt[1:], dtype=torch.long, device=self.device)
         out: list[TokenLogprob] = []
-        for s in range(0, len(prompt) - 1, SCORE_CHUNK):
-            lp = torch.log_softmax(self._logits(h[s: s + SCORE_CHUNK][: len(nxt) - s]), dim=-1)  # (c, V)
-            ids = nxt[s: s + lp.shape[0]]
-            chosen = lp.gather(1, ids[:, None])[:, 0].tolist()
-            tops = [()] * len(chosen)
-            if k:
-                vals, idx = lp.topk(k, dim=-1)
-                tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-            out += [TokenLogprob(t, c, tp) for t, c, tp in zip(ids.tolist(), chosen, tops)]
+        for s in range(0, len(nxt), SCORE_CHUNK):
+            ids = nxt[s: s + SCORE_CHUNK]
+            out += token_logprobs(self._logits(h[s: s + len(ids)]), ids, k)
         return out
 
     @torch.inference_mode()

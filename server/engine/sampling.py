@@ -51,14 +51,16 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
 
-    @classmethod
-    def of(cls, logits: torch.Tensor, token: int, k: int) -> TokenLogprob:
-        lp = torch.log_softmax(logits.float(), dim=-1)
-        top: tuple[tuple[int, float], ...] = ()
-        if k:
-            vals, ids = torch.topk(lp, k)
-            top = tuple(zip(ids.tolist(), vals.tolist()))
-        return cls(token, float(lp[token]), top)
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
+    """``tokens[i]``'s log-probability under ``logits[i]`` (``(c, V)``, ``(c,)``), with the ``k`` most likely."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    tops: list[tuple[tuple[int, float], ...]] = [()] * len(chosen)
+    if k:
+        vals, idx = lp.topk(k, dim=-1)
+        tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
+    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens.tolist(), chosen, tops)]
 
 
 class RowSampler:
