@@ -40,8 +40,8 @@ class PromptTooLong(ServerError):
     """Prompt plus requested tokens exceed the context length."""
 
 
-class InvalidPrompt(ServerError):
-    """A prompt the model cannot read: token ids outside its vocabulary."""
+class UnknownTokenIds(ServerError):
+    """Token ids outside the model's vocabulary (in a prompt, ``logit_bias`` or ``stop_token_ids``)."""
 
 
 class RouteRejected(ServerError):
@@ -71,7 +71,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # first match wins
     (AdapterInvalid, 400, "invalid_request_error"),
     (AdapterError, 400, "invalid_request_error"),
     (PromptTooLong, 400, "invalid_request_error"),
-    (InvalidPrompt, 400, "invalid_request_error"),
+    (UnknownTokenIds, 400, "invalid_request_error"),
     (RouteRejected, 422, "routing_error"),
     (NotReady, 503, "service_unavailable"),
     (Overloaded, 503, "overloaded_error"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -12,7 +12,7 @@ from router.base import BASE_ADAPTER, Decision
 from .engine.engine import Engine
 from .engine.requests import Done, Event, Failed, GenerationRequest
 from .engine.sampling import SamplingParams, TokenLogprob
-from .errors import GenerationFailed, InvalidPrompt, PromptTooLong
+from .errors import GenerationFailed, PromptTooLong, UnknownTokenIds
 from .threads import in_own_thread
 
 
@@ -51,10 +51,19 @@ class Generator:
         """A completion prompt's ids: text is tokenized, token ids (OpenAI allows them) are checked."""
         if isinstance(prompt, str):
             return self.encode(prompt)
-        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidPrompt(f"prompt token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param="prompt")
+        self._known(prompt, "prompt")
         return list(prompt)
+
+    def checked(self, params: SamplingParams) -> SamplingParams:
+        """``params``, once the token ids they name (``logit_bias``, ``stop_token_ids``) are in the vocabulary."""
+        self._known([t for t, _ in params.logit_bias], "logit_bias")
+        self._known(params.stop_token_ids, "stop_token_ids")
+        return params
+
+    def _known(self, ids: Sequence[int], field: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UnknownTokenIds(f"{field}: token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param=field)
 
     def prompt_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -11,6 +13,11 @@ from .engine.sampling import SamplingParams
 MAX_STOP = 8
 MAX_CHOICES = 16  # n per request
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; vLLM's default max_logprobs)
+MAX_STOP_IDS = 64
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
+
+log = logging.getLogger(__name__)
+_reported_extras: set[str] = set()  # unknown request fields already logged
 
 
 class _Sampling(BaseModel):
@@ -27,6 +34,15 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Subtracted per occurrence in the output.")
     repetition_penalty: float = Field(1.0, gt=0.0,
                                       description="Divides logits of tokens in the prompt or output (1: off).")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="Keep tokens at least this fraction as likely as the "
+                                                           "likeliest (vLLM's; 0: off).")
+    min_tokens: int = Field(0, ge=0, description="Tokens generated before EOS, stop_token_ids or stop strings may "
+                                                 "end the output (vLLM's).")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_IDS,
+                                             description="Token ids that end the output like EOS (vLLM's).")
+    include_stop_str_in_output: bool = Field(False, description="Keep the stop string that ended the text.")
+    logit_bias: dict[int, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
+                                                description="Token id -> bias in [-100, 100] added to its logit.")
 
     @field_validator("top_k", mode="before")
     @classmethod
@@ -45,13 +61,31 @@ class _Sampling(BaseModel):
             raise ValueError("stop strings must be non-empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float] | None) -> dict[int, float] | None:
+        bad = {t: b for t, b in (v or {}).items() if not -100.0 <= b <= 100.0 or t < 0}
+        if bad:
+            raise ValueError(f"biases must be in [-100, 100] and keys token ids >= 0; got {dict(list(bad.items())[:5])}")
+        return v
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens_fit(cls, v: int, info: Any) -> int:
+        most = info.data.get("max_tokens")
+        if most is not None and v > most:
+            raise ValueError(f"min_tokens ({v}) must not exceed max_tokens ({most})")
+        return v
+
     def sampling(self, max_tokens: int) -> SamplingParams:
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
             seed=self.seed, stop=tuple(self.stop or ()), ignore_eos=self.ignore_eos,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logprobs=self.logprob_count(),
-            prompt_logprobs=self.prompt_logprob_count(),
+            prompt_logprobs=self.prompt_logprob_count(), min_p=self.min_p, min_tokens=self.min_tokens,
+            stop_token_ids=tuple(self.stop_token_ids or ()), include_stop_str_in_output=self.include_stop_str_in_output,
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
         )
 
     def logprob_count(self) -> int | None:
@@ -63,14 +97,20 @@ class _Sampling(BaseModel):
         return None
 
     def cache_fields(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
-                "stop": self.stop, "ignore_eos": self.ignore_eos, "presence_penalty": self.presence_penalty,
-                "frequency_penalty": self.frequency_penalty, "repetition_penalty": self.repetition_penalty,
-                "logprobs": self.logprob_count(), "prompt_logprobs": self.prompt_logprob_count()}
+        """Everything that shapes the output: the sampling params but ``max_tokens`` (the key adds the budgeted
+        one)."""
+        fields = dataclasses.asdict(self.sampling(1))
+        del fields["max_tokens"]
+        return fields
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+_UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "guided_json",
+                "guided_regex", "guided_choice", "guided_grammar", "structured_outputs", "use_beam_search")
+_OFF = (None, False, [], "none", {"type": "text"})  # values of those fields that ask for nothing
 
 
 class _OpenAIRequest(_Sampling):
@@ -80,6 +120,38 @@ class _OpenAIRequest(_Sampling):
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (seeded: choice i uses seed + i).")
     task: str | None = Field(None, description="Task hint (clora extension): route to this adapter.")
     user: str | None = None
+    # OpenAI and vLLM fields this server does not implement. They change what a response means (tool calls, a
+    # JSON schema, beam search), so a request that asks for them gets a 422 naming them, not an answer that
+    # silently ignores them. Fields nobody defines are ignored and logged, as vLLM does.
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
+    use_beam_search: Any = None
+
+    @field_validator(*_UNSUPPORTED)
+    @classmethod
+    def _not_supported(cls, v: Any, info: Any) -> Any:
+        if v in _OFF or (info.field_name == "tool_choice" and v == "auto"):
+            return v
+        raise ValueError(f"{info.field_name} is not supported by this server (plain text generation only); "
+                         "remove the field")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _log_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields) - _reported_extras)
+            if unknown:
+                _reported_extras.update(unknown)
+                log.warning("ignoring request fields this server does not know: %s (logged once each)", unknown)
+        return data
 
 
 class CompletionRequest(_OpenAIRequest):

@@ -36,7 +36,7 @@ async def generate(body: GenerateRequest, core: Core, request: Request):
     ids = core.generator.encode(body.prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, 64)
     fields = {"endpoint": "generate", "prompt": body.prompt, **body.cache_fields()}
-    job = Job("generate", ids, decision, body.sampling(max_tokens), fields)
+    job = Job("generate", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
     found = await pipeline.lookup(core, job)
     headers = {"X-Cache": "bypass" if found.key is None else ("hit" if found.hit is not None else "miss")}
     if not body.stream:

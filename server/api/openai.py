@@ -129,7 +129,7 @@ async def completions(body: CompletionRequest, core: Core, request: Request):
     ids = core.generator.prompt_ids(body.prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
     fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
-    job = Job("completions", ids, decision, body.sampling(max_tokens), fields)
+    job = Job("completions", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, core, job, body.model, False, include_usage, body.stream, body.n,
                           text if body.echo else "")
@@ -145,6 +145,6 @@ async def chat_completions(body: ChatCompletionRequest, core: Core, request: Req
     ids = core.generator.encode_chat(prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_CHAT_TOKENS)
     fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}
-    job = Job("chat", ids, decision, body.sampling(max_tokens), fields)
+    job = Job("chat", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, core, job, body.model, True, include_usage, body.stream, body.n)

@@ -56,6 +56,7 @@ class _Row:
     sampler: RowSampler
     text: TextAssembler
     length: int  # tokens in the cache
+    end_ids: frozenset[int] = frozenset()  # tokens that end the row: EOS unless ignored, and stop_token_ids
     next_token: int = -1
     generated: int = 0
     admitted: float = 0.0
@@ -383,9 +384,10 @@ class Engine:
                 seg = torch.tensor(self._segments[slot])
                 req.rank_weights = torch.repeat_interleave(g.cpu(), seg)  # (rank,)
         label = req.adapter[0] if req.adapter else "__base__"
-        return _Row(req, slot, RowSampler(req.params, req.prompt_ids),
-                    TextAssembler(self.tokenizer, req.params.stop, req.deltas),
-                    length=len(req.prompt_ids), admitted=now, label=label, pinned=slot >= 0,
+        p, end_ids = req.params, req.params.end_ids(self.eos_ids)
+        return _Row(req, slot, RowSampler(p, req.prompt_ids, end_ids),
+                    TextAssembler(self.tokenizer, p.stop, req.deltas, p.include_stop_str_in_output, p.min_tokens),
+                    length=len(req.prompt_ids), end_ids=end_ids, admitted=now, label=label, pinned=slot >= 0,
                     timings={"queue_s": now - req.arrived})
 
     def _set_lora_batch(self, rows: list[_Row], per_row: bool = False) -> None:
@@ -428,7 +430,7 @@ class Engine:
         row.last_token_at = now
         row.generated += 1
         p = row.req.params
-        if token in self.eos_ids and not p.ignore_eos:
+        if token in row.end_ids:
             row.finish = "stop"
             return
         if p.logprobs is not None:

@@ -1,10 +1,13 @@
-"""Token selection and text assembly for one row: penalties, greedy/temperature/top-k/top-p, seeds, stop strings.
+"""Token selection and text assembly for one row: logit bias, penalties, greedy/temperature/min-p/top-k/top-p,
+seeds, minimum lengths, stop strings.
 
 Each row owns its ``torch.Generator`` and its token counts, so a request draws the same tokens whatever its batch
-neighbours. Penalties follow OpenAI's and vLLM's definitions, applied in vLLM's order before temperature:
-``repetition_penalty`` divides the positive logits (multiplies the negative ones) of every token seen in the
-prompt or the output; ``frequency_penalty`` subtracts, per token, its count in the output so far, and
-``presence_penalty`` a constant from each token the output contains.
+neighbours. The logits are shaped in vLLM's order: ``min_tokens`` bans the tokens that end a row (EOS and
+``stop_token_ids``) until that many are out, ``logit_bias`` adds OpenAI's per-token bias, then the penalties of
+OpenAI and vLLM: ``repetition_penalty`` divides the positive logits (multiplies the negative ones) of every token
+seen in the prompt or the output; ``frequency_penalty`` subtracts, per token, its count in the output so far, and
+``presence_penalty`` a constant from each token the output contains. Sampling then divides by the temperature and
+keeps the tokens at least ``min_p`` times as likely as the likeliest, then top-k, then top-p.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # report each output token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens after the first (echo)
+    min_p: float = 0.0
+    min_tokens: int = 0  # before this many tokens, the row's end tokens are banned and stop strings not matched
+    stop_token_ids: tuple[int, ...] = ()  # end the row like EOS (not part of the text)
+    include_stop_str_in_output: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -40,6 +48,10 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def end_ids(self, eos_ids: frozenset[int] | set[int]) -> frozenset[int]:
+        """The tokens that end this row: its ``stop_token_ids``, and the model's EOS unless ``ignore_eos``."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(eos_ids))
 
 
 @dataclass(frozen=True)
@@ -64,9 +76,11 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[T
 
 
 class RowSampler:
-    """Chooses the next token of one row from its logits (V,); ``prompt_ids`` matter to ``repetition_penalty``."""
+    """Chooses the next token of one row from its logits (V,); ``prompt_ids`` matter to ``repetition_penalty``,
+    ``end_ids`` (``SamplingParams.end_ids``) to ``min_tokens``."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = ()) -> None:
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int] = (),
+                 end_ids: frozenset[int] = frozenset()) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
@@ -74,19 +88,37 @@ class RowSampler:
             self.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
         self.counts: Counter[int] = Counter()  # output tokens so far (kept only when a penalty needs them)
         self.seen = set(prompt_ids) if params.repetition_penalty != 1.0 else set()
+        self.banned = sorted(end_ids) if params.min_tokens else []  # until min_tokens are out
+        self.bias = (torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long),
+                     torch.tensor([b for _, b in params.logit_bias])) if params.logit_bias else None
+        self.chosen = 0  # tokens chosen so far
 
     def __call__(self, logits: torch.Tensor) -> int:
         p = self.params
+        if p.penalized or self.bias is not None or self.chosen < p.min_tokens:
+            logits = self._shape(logits)
+        token = self._choose(logits)
+        self.chosen += 1
         if p.penalized:
-            token = self._choose(self._penalize(logits))
             self.counts[token] += 1
             self.seen.add(token)
-            return token
-        return self._choose(logits)
+        return token
 
-    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+    def _shape(self, logits: torch.Tensor) -> torch.Tensor:
+        """A float copy of ``logits`` with the end tokens banned (before ``min_tokens``), the bias added and
+        the penalties applied; the batch's logits are left alone."""
         p = self.params
         logits = logits.float().clone()
+        if self.chosen < p.min_tokens and self.banned:
+            logits[self.banned] = float("-inf")
+        if self.bias is not None:
+            ids, bias = self.bias
+            logits.index_add_(0, ids.to(logits.device), bias.to(logits.device))
+        return self._penalize(logits) if p.penalized else logits
+
+    def _penalize(self, logits: torch.Tensor) -> torch.Tensor:
+        """The penalties, applied in place to ``logits`` (float)."""
+        p = self.params
         if p.repetition_penalty != 1.0 and self.seen:
             ids = torch.tensor(sorted(self.seen), dtype=torch.long, device=logits.device)
             vals = logits[ids]
@@ -102,6 +134,9 @@ class RowSampler:
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits.float().cpu() / p.temperature
+        if p.min_p > 0.0:  # vLLM's: drop tokens less likely than min_p times the likeliest
+            probs = torch.softmax(logits, dim=-1)
+            logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -119,12 +154,16 @@ class TextAssembler:
     """Turns generated ids into text deltas, holding back anything that may still become a stop string.
 
     ``incremental=False`` is for a caller that wants the whole text only: with no stop string to watch for, ids
-    are decoded once, by ``finish``, instead of after every token (the engine thread's time, every step)."""
+    are decoded once, by ``finish``, instead of after every token (the engine thread's time, every step).
+    ``include_stop``: the text keeps the stop string it ends with. Stop strings are matched only once more than
+    ``min_tokens`` tokens are out, and only in text not yet emitted (as vLLM does)."""
 
-    def __init__(self, tokenizer: object, stop: tuple[str, ...], incremental: bool = True) -> None:
+    def __init__(self, tokenizer: object, stop: tuple[str, ...], incremental: bool = True,
+                 include_stop: bool = False, min_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
         self.lazy = not incremental and not self.stop
+        self.include_stop, self.min_tokens = include_stop, min_tokens
         self.ids: list[int] = []
         self.sent = 0  # characters already emitted
         self.text = ""
@@ -136,11 +175,10 @@ class TextAssembler:
         if self.lazy:
             return ""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        for s in self.stop:
-            at = text.find(s, max(0, self.sent - len(s)))
+        for s in self.stop if len(self.ids) > self.min_tokens else ():
+            at = text.find(s, max(0, self.sent - len(s) + 1))
             if at != -1:
-                cut = min(at, len(text))
-                self.text, self.stopped = text[:cut], True
+                self.text, self.stopped = text[:at + len(s) if self.include_stop else at], True
                 return self._emit(len(self.text))
         self.text = text
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token

@@ -101,6 +101,9 @@ def test_prompt_too_long_is_400_with_counts(server) -> None:
 @pytest.mark.parametrize("field,value", [
     ("temperature", -1), ("top_p", 0), ("max_tokens", 0), ("n", 17), ("stop", ["a"] * 9), ("best_of", 2),
     ("top_k", -5), ("seed", -1), ("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0),
+    ("min_p", 1.5), ("min_tokens", -1), ("logit_bias", {"5": 101}), ("stop_token_ids", [1] * 65),
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"}),
+    ("use_beam_search", True),
 ])
 def test_invalid_parameters_are_422_naming_the_field(server, field: str, value: object) -> None:
     r = post(server, "/v1/completions", {"model": "alpha", "prompt": "x", field: value})
@@ -223,6 +226,53 @@ def test_penalties_steer_the_text_and_key_the_cache(server) -> None:
     r = post(server, "/v1/generate", {"prompt": body["prompt"], "adapter": "alpha", "max_tokens": 24,
                                       "temperature": 0, "ignore_eos": True, "frequency_penalty": 2.0})
     assert r.json()["text"] == complete(server, **body, frequency_penalty=2.0)["choices"][0]["text"]
+
+
+def test_vllm_sampling_fields_over_http(server, tiny_llama_dir) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    apple, eos = tok(" apple", add_special_tokens=False)["input_ids"][0], tok.eos_token_id
+    body = {"model": "alpha", "prompt": "A list of fruits:", "max_tokens": 8, "temperature": 0}
+    plain = complete(server, **body, ignore_eos=True)["choices"][0]["text"]
+    forced = complete(server, **body, logit_bias={str(apple): 100})
+    assert forced["cached"] is False and forced["choices"][0]["text"] == tok.decode([apple] * 8) != plain
+
+    # EOS forced at once; min_tokens holds it off for 3 tokens, which are the unbiased greedy ones
+    ends = complete(server, **body, logit_bias={str(eos): 100})
+    assert (ends["choices"][0]["text"], ends["choices"][0]["finish_reason"], ends["usage"]["completion_tokens"]) \
+        == ("", "stop", 1)
+    held = complete(server, **body, logit_bias={str(eos): 100}, min_tokens=3)
+    assert held["usage"]["completion_tokens"] == 4 and held["choices"][0]["finish_reason"] == "stop"
+    assert plain.startswith(held["choices"][0]["text"]) and held["choices"][0]["text"]
+
+    # a stop token id ends the text like EOS, and is not part of it
+    stopped = complete(server, **body, logit_bias={str(apple): 100}, stop_token_ids=[apple], min_tokens=2)
+    assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 3
+    assert stopped["choices"][0]["text"] == held["choices"][0]["text"][:len(stopped["choices"][0]["text"])]
+
+    # the stop string kept in the text on request
+    stop = plain[len(plain) // 2: len(plain) // 2 + 3]
+    kept = complete(server, **body, ignore_eos=True, stop=[stop], include_stop_str_in_output=True)
+    assert kept["choices"][0]["text"] == plain[: plain.find(stop) + len(stop)]
+    cut = complete(server, **body, ignore_eos=True, stop=[stop])
+    assert cut["cached"] is False and cut["choices"][0]["text"] == plain[: plain.find(stop)]
+
+    # min_p = 1 keeps only the likeliest token: sampling becomes greedy, whatever the seed
+    sampled = {complete(server, **{**body, "temperature": 1.0, "seed": s}, ignore_eos=True, min_p=1.0)
+               ["choices"][0]["text"] for s in (1, 2)}
+    assert sampled == {plain}
+
+    r = post(server, "/v1/completions", {**body, "min_tokens": 9})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "min_tokens" and "max_tokens (8)" in r.text
+    for field, value in (("logit_bias", {"1000000": 5}), ("stop_token_ids", [10 ** 7])):
+        r = post(server, "/v1/completions", {**body, field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    chat = {"model": "alpha", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    assert post(server, "/v1/chat/completions", {**chat, "tools": [], "tool_choice": "none",
+                                                 "response_format": {"type": "text"}}).status_code == 200
+    r = post(server, "/v1/chat/completions", {**chat, "tool_choice": "required"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "tool_choice"
 
 
 def _peft_logprobs(model_dir, adapter_dir, prompt: str, n: int, k: int) -> tuple[list[str], list[float], list[dict]]:

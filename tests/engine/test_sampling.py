@@ -45,7 +45,7 @@ def test_penalties_follow_the_openai_and_vllm_formulas() -> None:
     s.counts.update([3, 3, 0])  # the output so far: token 3 twice, token 0 once
     s.seen.update([3, 0])
     want = torch.tensor([2.0 / 2 - 0.5 - 0.25, -1.0 * 2, 0.5 / 2, 3.0 / 2 - 1.0 - 0.25, 1.0])
-    assert torch.allclose(s._penalize(logits), want)
+    assert torch.allclose(s._shape(logits), want)
     assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0]))  # the batch's logits are left alone
 
 
@@ -60,6 +60,40 @@ def test_a_penalty_steers_greedy_decoding_off_tokens_already_output() -> None:
     assert [pp(logits) for _ in range(4)] == [1, 2, 1, 1]
     rp = RowSampler(SamplingParams(temperature=0, repetition_penalty=2.0), prompt_ids=[1])
     assert rp(logits) == 2  # token 1 is in the prompt: 5 / 2 < 4
+
+
+def test_logit_bias_min_tokens_and_min_p_shape_the_choice() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.0, 2.5])
+    assert RowSampler(SamplingParams(temperature=0, logit_bias=((3, 3.0),)))(logits) == 3  # 2.5 + 3 > 5
+    assert RowSampler(SamplingParams(temperature=0, logit_bias=((1, -100.0),)))(logits) == 2
+    # token 1 ends the row: banned for the first two choices, then allowed
+    s = RowSampler(SamplingParams(temperature=0, min_tokens=2), end_ids=frozenset({1}))
+    assert [s(logits) for _ in range(4)] == [2, 2, 1, 1]
+    assert torch.equal(logits, torch.tensor([0.0, 5.0, 4.0, 2.5]))  # the batch's logits are left alone
+    assert SamplingParams(stop_token_ids=(7,), ignore_eos=True).end_ids({0}) == {7}
+    assert SamplingParams(stop_token_ids=(7,)).end_ids({0}) == {0, 7}
+    # min_p keeps the tokens at least min_p times as likely as the likeliest: 0.4 and 0.3 of these, for 0.5
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05])
+    kept = RowSampler(SamplingParams(temperature=1.0, min_p=0.5, seed=3))
+    assert {kept(probs.log()) for _ in range(300)} == {0, 1}
+    free = RowSampler(SamplingParams(temperature=1.0, seed=3))
+    assert len({free(probs.log()) for _ in range(300)}) == 5
+
+
+def test_stop_strings_wait_for_min_tokens_and_may_stay_in_the_text(tok) -> None:
+    ids = tok("Hello world. The END is near")["input_ids"]
+
+    def run(asm: TextAssembler) -> str:
+        out = ""
+        for t in ids:
+            out += asm.add(t)
+            if asm.stopped:
+                return out
+        return out + asm.finish()
+
+    assert run(TextAssembler(tok, ("END",), include_stop=True)) == "Hello world. The END"
+    assert run(TextAssembler(tok, ("Hello",))) == ""
+    assert run(TextAssembler(tok, ("Hello", "END"), min_tokens=2)) == "Hello world. The "  # "Hello": token 1
 
 
 def test_stop_string_is_held_back_then_cut(tok) -> None:
