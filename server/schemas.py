@@ -12,6 +12,7 @@ from .engine.sampling import SamplingParams
 
 MAX_STOP = 8
 MAX_CHOICES = 16  # n per request
+MAX_PROMPTS = 64  # prompts per completions request (and prompts x n <= 4 x MAX_CHOICES)
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI's limit for chat; vLLM's default max_logprobs)
 MAX_STOP_IDS = 64
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
@@ -155,7 +156,8 @@ class _OpenAIRequest(_Sampling):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., description="Text or token ids.")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        ..., description="Text or token ids, or a list of either: each prompt gets n choices (a list once parsed).")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                  description="Each output token's log-probability and this many top alternatives.")
@@ -164,14 +166,23 @@ class CompletionRequest(_OpenAIRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
-        if isinstance(v, list) and (not v or not isinstance(v[0], int)):  # a batch of prompts
-            if len(v) != 1:
-                raise ValueError("send one prompt per request (a list of exactly one string or token id list)")
-            v = v[0]
-        if isinstance(v, list) and not v:
+    def _prompts(cls, v: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+        """Every form OpenAI allows, as a list of prompts: a string or a list of ids is one."""
+        prompts = [v] if isinstance(v, str) or (v and isinstance(v[0], int)) else v
+        if not prompts:
+            raise ValueError("send at least one prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request; got {len(prompts)}")
+        if any(isinstance(x, list) and not x for x in prompts):
             raise ValueError("a prompt of token ids needs at least one id")
-        return v
+        return prompts
+
+    @model_validator(mode="after")
+    def _rows_fit(self) -> CompletionRequest:
+        if len(self.prompt) * self.n > MAX_CHOICES * 4:
+            raise ValueError(f"prompts x n = {len(self.prompt)} x {self.n} is over the {MAX_CHOICES * 4} choices a "
+                             "request may ask for; split the request")
+        return self
 
     @model_validator(mode="after")
     def _echo_logprobs_not_streamed(self) -> CompletionRequest:

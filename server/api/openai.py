@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,9 +30,11 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 512  # chat default, capped by the room left in the context
 
 
-def _usage(results: list[Result]) -> dict[str, int]:
-    """One prompt, however many choices: its tokens count once."""
-    prompt, completion = results[0].prompt_tokens, sum(r.completion_tokens for r in results)
+def _usage(results: list[Result], prompts: int) -> dict[str, int]:
+    """``results``: the choices of ``prompts`` prompts, each prompt's first; a prompt's tokens count once."""
+    n = len(results) // prompts
+    prompt = sum(r.prompt_tokens for r in results[::n])
+    completion = sum(r.completion_tokens for r in results)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -61,25 +64,37 @@ def _choice(i: int, r: Result, fmt: LogprobFormatter | None, prompt_ids: list[in
     return choice
 
 
-async def _respond(request: Request, core: AppState, job: Job, model: str, chat: bool, include_usage: bool,
-                   stream: bool, n: int = 1, echo: str = "") -> JSONResponse | StreamingResponse:
-    """``n`` choices; ``echo``: the prompt, which a completion then starts with (and, with logprobs, its tokens'
-    logprobs)."""
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a request, ready to run: its job, and the text its choices start with (``echo``)."""
+
+    job: Job
+    echo: str = ""
+
+
+async def _respond(request: Request, core: AppState, prompts: list[Prompt], model: str, chat: bool,
+                   include_usage: bool, stream: bool, n: int = 1) -> JSONResponse | StreamingResponse:
+    """``n`` choices of every prompt, prompt p's choice i at index ``p·n + i`` (OpenAI's order); each says where
+    it was routed. With ``echo``, a completion starts with its prompt (and, with logprobs, has its tokens')."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
-    jobs = pipeline.samples(job, n)
+    jobs = [j for p in prompts for j in pipeline.samples(p.job, n)]
+    of = [p for p in prompts for _ in range(n)]  # each choice's prompt
     founds = [await pipeline.lookup(core, j) for j in jobs]
-    route = route_dict(job.decision)
+    route = route_dict(prompts[0].job.decision)
+    routes = [route_dict(p.job.decision) for p in of]
 
     def formatter() -> LogprobFormatter | None:
-        return LogprobFormatter(core.generator.tokenizer, chat) if job.params.logprobs is not None else None
+        return LogprobFormatter(core.generator.tokenizer, chat) if jobs[0].params.logprobs is not None else None
 
     if not stream:
         outs = await unless_disconnected(request, pipeline.run_all(core, jobs, founds))
-        choices = [_choice(i, out.result, formatter(), job.ids, chat, echo) for i, out in enumerate(outs)]
+        choices = [{**_choice(i, out.result, formatter(), of[i].job.ids, chat, of[i].echo), "route": routes[i]}
+                   for i, out in enumerate(outs)]
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
-                "usage": _usage([o.result for o in outs]), "route": route, "cached": all(o.cached for o in outs)}
+                "usage": _usage([o.result for o in outs], len(prompts)), "route": route,
+                "cached": all(o.cached for o in outs)}
         return JSONResponse(body, headers=_headers(founds))
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -98,6 +113,7 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
             c["delta"] = delta
         else:
             c["text"] = text or ""
+        c["route"] = routes[i]
         return {"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [c],
                 "route": route, "cached": cached}
 
@@ -105,18 +121,18 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
         for i in range(len(jobs)):
             if chat:
                 yield _sse(chunk(i, None, None, first=True))
-            if echo:
-                yield _sse(chunk(i, echo, None))
-        results = []
+            if of[i].echo:
+                yield _sse(chunk(i, of[i].echo, None))
+        results: list[Result | None] = [None] * len(jobs)
         async for i, (text, lps, result) in pipeline.stream_all(core, jobs, founds):
             if result is None:
                 yield _sse(chunk(i, text, None, lps=lps))
                 continue
             yield _sse(chunk(i, None, result.finish_reason, lps=lps))
-            results.append(result)
+            results[i] = result
         if include_usage:
             yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],
-                        "usage": _usage(results), "route": route})
+                        "usage": _usage([r for r in results if r is not None], len(prompts)), "route": route})
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=_headers(founds))
@@ -124,15 +140,17 @@ async def _respond(request: Request, core: AppState, job: Job, model: str, chat:
 
 @router.post("/completions")
 async def completions(body: CompletionRequest, core: Core, request: Request):
-    text = core.generator.prompt_text(body.prompt)
-    decision = await core.routing.decide_async(body.task or body.model, text)
-    ids = core.generator.prompt_ids(body.prompt)
-    max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
-    fields = {"endpoint": "completions", "prompt": body.prompt, **body.cache_fields()}
-    job = Job("completions", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
+    prompts = []
+    for prompt in body.prompt:  # a list once parsed; each prompt is routed on its own text
+        text = core.generator.prompt_text(prompt)
+        decision = await core.routing.decide_async(body.task or body.model, text)
+        ids = core.generator.prompt_ids(prompt)
+        max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_COMPLETION_TOKENS)
+        fields = {"endpoint": "completions", "prompt": prompt, **body.cache_fields()}
+        job = Job("completions", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
+        prompts.append(Prompt(job, text if body.echo else ""))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, job, body.model, False, include_usage, body.stream, body.n,
-                          text if body.echo else "")
+    return await _respond(request, core, prompts, body.model, False, include_usage, body.stream, body.n)
 
 
 @router.post("/chat/completions")
@@ -147,4 +165,4 @@ async def chat_completions(body: ChatCompletionRequest, core: Core, request: Req
     fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}
     job = Job("chat", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, job, body.model, True, include_usage, body.stream, body.n)
+    return await _respond(request, core, [Prompt(job)], body.model, True, include_usage, body.stream, body.n)

@@ -384,8 +384,44 @@ def test_a_prompt_of_token_ids_is_the_prompt_those_ids_spell(server, tiny_llama_
     assert complete(server, prompt=ids, echo=True, **body)["choices"][0]["text"] == text + want
     r = post(server, "/v1/completions", {"prompt": [5, 10 ** 9], **body})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "1000000000" in r.text
-    for bad in ([], [[]], [[1], [2]]):
+    for bad in ([], [[]], [[1], []], ["a"] * 65):
         assert post(server, "/v1/completions", {"prompt": bad, **body}).status_code == 422
+
+
+def test_a_batch_of_prompts_gives_n_choices_each_in_openai_order(server, tiny_llama_dir) -> None:
+    from transformers import AutoTokenizer
+
+    body = {"model": "beta", "max_tokens": 6, "temperature": 1.0, "seed": 3, "ignore_eos": True}
+    prompts = ["Once upon a time", "A list of fruits:", "def add(a, b):"]
+    alone = [[c["text"] for c in complete(server, prompt=p, **body, n=2)["choices"]] for p in prompts]
+    lens = [complete(server, prompt=p, **body)["usage"]["prompt_tokens"] for p in prompts]
+    batch = complete(server, prompt=prompts, **body, n=2)
+    assert [c["index"] for c in batch["choices"]] == list(range(6))
+    assert [c["text"] for c in batch["choices"]] == [t for pair in alone for t in pair]  # prompt p, choice i: 2p + i
+    assert all(c["route"]["adapter"] == "beta" for c in batch["choices"])
+    assert batch["usage"]["prompt_tokens"] == sum(lens) and batch["usage"]["completion_tokens"] == 36
+
+    fresh = {**body, "seed": 11}  # not cached: the streams run side by side
+    whole = complete(server, prompt=prompts, **fresh, echo=True)
+    pieces, usage = {i: "" for i in range(3)}, None
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60, json={
+            "prompt": prompts, **fresh, "seed": 11, "echo": True, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        for ln in r.iter_lines():
+            if ln.startswith("data: {"):
+                chunk = json.loads(ln[6:])
+                for c in chunk["choices"]:
+                    pieces[c["index"]] += c["text"]
+                usage = chunk.get("usage") or usage
+    assert [pieces[i] for i in range(3)] == [c["text"] for c in whole["choices"]]
+    assert all(c["text"].startswith(p) for c, p in zip(whole["choices"], prompts))
+    assert usage == whole["usage"]
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = [tok(p)["input_ids"] for p in prompts[:2]]
+    assert [c["text"] for c in complete(server, prompt=ids, **body)["choices"]] == [a[0] for a in alone[:2]]
+    r = post(server, "/v1/completions", {"prompt": prompts * 9, **body, "n": 4})
+    assert r.status_code == 422 and "split the request" in r.text
 
 
 @pytest.mark.parametrize("body", [{"logprobs": 21}, {"logprobs": -1}])

@@ -77,7 +77,13 @@ def test_auto_routes_by_content(tiny_llama_dir: Path, sources, tmp_path: Path) -
         hinted = httpx.post(srv.url + "/v1/completions", timeout=60, json={
             "model": "sports", "prompt": "The midfielder scored a late goal and the team won the match",
             "max_tokens": 4, "temperature": 0}).json()
-        assert hinted["choices"] == r["choices"]  # auto-routed output equals the explicitly chosen adapter's
+        assert [c["text"] for c in hinted["choices"]] == [c["text"] for c in r["choices"]]  # as if chosen
+        batch = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "model": "auto", "max_tokens": 4, "temperature": 0,
+            "prompt": ["The midfielder scored a late goal and the team won the match",
+                       "Whisk the cream with sugar and bake the cake"]}).json()
+        assert [c["route"]["adapter"] for c in batch["choices"]] == ["sports", "cooking"]  # each prompt its own
+        assert batch["choices"][0]["text"] == r["choices"][0]["text"]
         g = httpx.post(srv.url + "/v1/generate", timeout=60,
                        json={"prompt": "Bake the cake and whisk the cream with sugar", "max_tokens": 3}).json()
         assert g["adapter"] == "cooking" and g["route"]["method"] == "tfidf"
