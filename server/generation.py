@@ -44,23 +44,24 @@ class Generator:
         self.prefetch = prefetch  # loads an adapter into the CPU tier off the engine thread
         self.is_warm = is_warm  # already in the CPU tier: nothing to prefetch
 
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def prompt_ids(self, prompt: str | list[int]) -> list[int]:
         """A completion prompt's ids: text is tokenized, token ids (OpenAI allows them) are checked."""
         if isinstance(prompt, str):
             return self.encode(prompt)
-        self._known(prompt, "prompt")
+        self.known(prompt, "prompt")
         return list(prompt)
 
     def checked(self, params: SamplingParams) -> SamplingParams:
         """``params``, once the token ids they name (``logit_bias``, ``stop_token_ids``) are in the vocabulary."""
-        self._known([t for t, _ in params.logit_bias], "logit_bias")
-        self._known(params.stop_token_ids, "stop_token_ids")
+        self.known([t for t, _ in params.logit_bias], "logit_bias")
+        self.known(params.stop_token_ids, "stop_token_ids")
         return params
 
-    def _known(self, ids: Sequence[int], field: str) -> None:
+    def known(self, ids: Sequence[int], field: str) -> None:
+        """``UnknownTokenIds`` (naming ``field``) unless every id is in the vocabulary."""
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise UnknownTokenIds(f"{field}: token ids must be in [0, {self.vocab_size}); got {bad[:5]}", param=field)
@@ -68,10 +69,14 @@ class Generator:
     def prompt_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
-    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The messages in the model's chat template (a plain ``role: content`` transcript when it has none),
+        ending with the assistant's turn unless ``add_generation_prompt`` is false."""
         if not getattr(self.tokenizer, "chat_template", None):
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            turn = "assistant: " if add_generation_prompt else ""
+            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + turn
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
 
     def encode_chat(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

@@ -214,6 +214,11 @@ class ChatMessage(BaseModel):
         return "".join(parts)
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as chat templates take them (OpenAI's ``developer`` role is a system message)."""
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
+
+
 class ChatCompletionRequest(_OpenAIRequest):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -244,3 +249,30 @@ class GenerateRequest(_Sampling):
     adapter: str | None = None
     stream: bool = False
     max_tokens: int | None = Field(64, ge=1)
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's ``/tokenize``: a prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, description="An adapter name, the base model id or 'auto' (one tokenizer).")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="With a prompt: the tokenizer's BOS and the like.")
+    add_generation_prompt: bool = Field(True, description="With messages: end with the assistant's turn.")
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
+

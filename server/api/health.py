@@ -28,12 +28,13 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/v1/models")
 async def models(core: Core) -> dict:
-    created = int(core.started)
+    created, most = int(core.started), core.generator.max_len
     data = [{"id": core.model_id, "object": "model", "created": created, "owned_by": "clora-serve",
-             "root": core.model_id, "parent": None, "kind": "base"}]
+             "root": core.model_id, "parent": None, "max_model_len": most, "kind": "base"}]
     for m in core.registry.manifests():
         data.append({"id": m.name, "object": "model", "created": created, "owned_by": "clora-serve",
-                     "root": core.model_id, "parent": core.model_id, "kind": m.kind, "version": m.version})
+                     "root": core.model_id, "parent": core.model_id, "max_model_len": most, "kind": m.kind,
+                     "version": m.version})
     return {"object": "list", "data": data}
 
 

@@ -19,7 +19,7 @@ from .. import pipeline
 from ..deps import Core
 from ..generation import Result
 from ..pipeline import Job, route_dict
-from ..schemas import ChatCompletionRequest, CompletionRequest
+from ..schemas import ChatCompletionRequest, CompletionRequest, chat_messages
 from ..state import AppState
 from .disconnect import unless_disconnected
 from .logprobs import LogprobFormatter
@@ -155,8 +155,7 @@ async def completions(body: CompletionRequest, core: Core, request: Request):
 
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, core: Core, request: Request):
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in body.messages]
+    messages = chat_messages(body.messages)
     prompt = core.generator.chat_prompt(messages)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), prompt)
     decision = await core.routing.decide_async(body.task or body.model, last_user)

@@ -43,6 +43,26 @@ def test_health_ready_models(server) -> None:
     assert {"alpha", "beta", "gamma"} <= ids and len(ids) == 4
 
 
+def test_tokenize_and_detokenize_count_what_generation_counts(server, tiny_llama_dir) -> None:
+    from transformers import AutoTokenizer
+
+    text = "Once upon a time there was"
+    t = post(server, "/tokenize", {"model": "alpha", "prompt": text, "return_token_strs": True}).json()
+    assert t["tokens"] == AutoTokenizer.from_pretrained(tiny_llama_dir)(text)["input_ids"]
+    assert t["count"] == len(t["tokens"]) == len(t["token_strs"])
+    assert t["max_model_len"] == httpx.get(server.url + "/v1/models").json()["data"][0]["max_model_len"]
+    assert post(server, "/detokenize", {"tokens": t["tokens"]}).json() == {"prompt": text}
+    assert complete(server, "alpha", text, max_tokens=1)["usage"]["prompt_tokens"] == t["count"]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    chat = post(server, "/v1/chat/completions", {"model": "beta", "messages": messages, "max_tokens": 1}).json()
+    assert post(server, "/tokenize", {"messages": messages}).json()["count"] == chat["usage"]["prompt_tokens"]
+    r = post(server, "/tokenize", {"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and "alpha" in r.json()["error"]["message"]
+    assert post(server, "/tokenize", {"prompt": "x", "messages": messages}).status_code == 422
+    r = post(server, "/detokenize", {"tokens": [1, 10 ** 8]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+
+
 def test_openai_client_unchanged(server) -> None:
     from openai import OpenAI
 
