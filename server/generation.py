@@ -27,11 +27,12 @@ class Result:
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    stop_reason: str | int | None = None
 
     @classmethod
     def of(cls, done: Done) -> Result:
         return cls(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.timings,
-                   done.logprobs, done.prompt_logprobs)
+                   done.logprobs, done.prompt_logprobs, done.stop_reason)
 
 
 class Generator:

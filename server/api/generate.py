@@ -22,7 +22,7 @@ def _body(text: str, job: Job, r: Result, cached: bool) -> dict:
     d = job.decision
     return {
         "text": text, "adapter": d.adapter, "version": d.version, "route": route_dict(d),
-        "finish_reason": r.finish_reason,
+        "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
         "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                   "total_tokens": r.prompt_tokens + r.completion_tokens},
         "cached": cached, "timings": {k: round(v, 6) for k, v in r.timings.items()},

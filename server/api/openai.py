@@ -56,7 +56,8 @@ def _choice(i: int, r: Result, fmt: LogprobFormatter | None, prompt_ids: list[in
         logprobs = fmt(r.logprobs)
         if prompt is not None:
             logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
-    choice: dict[str, Any] = {"index": i, "finish_reason": r.finish_reason, "logprobs": logprobs}
+    choice: dict[str, Any] = {"index": i, "finish_reason": r.finish_reason, "stop_reason": r.stop_reason,
+                              "logprobs": logprobs}
     if chat:
         choice["message"] = {"role": "assistant", "content": r.text}
     else:
@@ -101,9 +102,11 @@ async def _respond(request: Request, core: AppState, prompts: list[Prompt], mode
     fmts = [formatter() for _ in jobs]
     cached = all(f.hit is not None for f in founds)
 
-    def chunk(i: int, text: str | None, finish: str | None, first: bool = False, lps: tuple = ()) -> dict[str, Any]:
+    def chunk(i: int, text: str | None, done: Result | None = None, first: bool = False,
+              lps: tuple = ()) -> dict[str, Any]:
         fmt = fmts[i]
-        c: dict[str, Any] = {"index": i, "finish_reason": finish, "logprobs": fmt(lps) if fmt and lps else None}
+        c: dict[str, Any] = {"index": i, "finish_reason": done and done.finish_reason,
+                             "stop_reason": done and done.stop_reason, "logprobs": fmt(lps) if fmt and lps else None}
         if chat:
             delta: dict[str, Any] = {}
             if first:
@@ -120,15 +123,15 @@ async def _respond(request: Request, core: AppState, prompts: list[Prompt], mode
     async def events() -> AsyncIterator[str]:
         for i in range(len(jobs)):
             if chat:
-                yield _sse(chunk(i, None, None, first=True))
+                yield _sse(chunk(i, None, first=True))
             if of[i].echo:
-                yield _sse(chunk(i, of[i].echo, None))
+                yield _sse(chunk(i, of[i].echo))
         results: list[Result | None] = [None] * len(jobs)
         async for i, (text, lps, result) in pipeline.stream_all(core, jobs, founds):
             if result is None:
-                yield _sse(chunk(i, text, None, lps=lps))
+                yield _sse(chunk(i, text, lps=lps))
                 continue
-            yield _sse(chunk(i, None, result.finish_reason, lps=lps))
+            yield _sse(chunk(i, None, result, lps=lps))
             results[i] = result
         if include_usage:
             yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": model, "choices": [],

@@ -65,6 +65,7 @@ class _Row:
     label: str = "__base__"
     pinned: bool = False  # holds a pin on its slot (released exactly once)
     finish: str | None = None
+    stop_reason: str | int | None = None  # see Done
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
     logprobs_sent: int = 0  # of those, how many went out with deltas
@@ -432,6 +433,7 @@ class Engine:
         p = row.req.params
         if token in row.end_ids:
             row.finish = "stop"
+            row.stop_reason = token if token in p.stop_token_ids else None
             return
         if p.logprobs is not None:
             row.logprobs += token_logprobs(logits[None], torch.tensor([token], device=logits.device), p.logprobs)
@@ -439,7 +441,7 @@ class Engine:
         if delta and row.req.deltas:
             row.req.emit(Delta(delta, token, row.unsent_logprobs()))
         if row.text.stopped:
-            row.finish = "stop"
+            row.finish, row.stop_reason = "stop", row.text.matched
         elif row.generated >= p.max_tokens or row.length + 1 >= self.runner.max_len:
             row.finish = "length"
         else:
@@ -462,7 +464,7 @@ class Engine:
             now = time.perf_counter()
             row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
             row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text,
-                              tuple(row.logprobs), row.prompt_logprobs))
+                              tuple(row.logprobs), row.prompt_logprobs, row.stop_reason))
         self._rows = keep
         if not keep:
             self.runner.shrink()

@@ -42,6 +42,7 @@ class Done:
     text: str = ""  # the whole text: the deltas joined, or the only text a request without deltas gets
     logprobs: tuple[TokenLogprob, ...] = ()  # of every output token but EOS, when the request asked for them
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # of the prompt's tokens after the first, when asked for
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS)
 
 
 @dataclass(frozen=True)

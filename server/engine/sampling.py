@@ -168,6 +168,7 @@ class TextAssembler:
         self.sent = 0  # characters already emitted
         self.text = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly safe text. Sets ``stopped`` when a stop string appears."""
@@ -178,7 +179,7 @@ class TextAssembler:
         for s in self.stop if len(self.ids) > self.min_tokens else ():
             at = text.find(s, max(0, self.sent - len(s) + 1))
             if at != -1:
-                self.text, self.stopped = text[:at + len(s) if self.include_stop else at], True
+                self.text, self.stopped, self.matched = text[:at + len(s) if self.include_stop else at], True, s
                 return self._emit(len(self.text))
         self.text = text
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token

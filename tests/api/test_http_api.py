@@ -269,6 +269,7 @@ def test_vllm_sampling_fields_over_http(server, tiny_llama_dir) -> None:
     # a stop token id ends the text like EOS, and is not part of it
     stopped = complete(server, **body, logit_bias={str(apple): 100}, stop_token_ids=[apple], min_tokens=2)
     assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == 3
+    assert stopped["choices"][0]["stop_reason"] == apple and held["choices"][0]["stop_reason"] is None  # EOS
     assert stopped["choices"][0]["text"] == held["choices"][0]["text"][:len(stopped["choices"][0]["text"])]
 
     # the stop string kept in the text on request
@@ -277,6 +278,11 @@ def test_vllm_sampling_fields_over_http(server, tiny_llama_dir) -> None:
     assert kept["choices"][0]["text"] == plain[: plain.find(stop) + len(stop)]
     cut = complete(server, **body, ignore_eos=True, stop=[stop])
     assert cut["cached"] is False and cut["choices"][0]["text"] == plain[: plain.find(stop)]
+    assert kept["choices"][0]["stop_reason"] == cut["choices"][0]["stop_reason"] == stop
+    again = complete(server, **body, ignore_eos=True, stop=[stop])
+    assert again["cached"] is True and again["choices"][0]["stop_reason"] == stop  # replayed from the cache
+    _, chunks = stream_text(server, "/v1/completions", {**body, "ignore_eos": True, "stop": [stop]})
+    assert [c["choices"][0]["stop_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == [stop]
 
     # min_p = 1 keeps only the likeliest token: sampling becomes greedy, whatever the seed
     sampled = {complete(server, **{**body, "temperature": 1.0, "seed": s}, ignore_eos=True, min_p=1.0)
