@@ -44,6 +44,10 @@ class UnknownTokenIds(ServerError):
     """Token ids outside the model's vocabulary (in a prompt, ``logit_bias`` or ``stop_token_ids``)."""
 
 
+class NotStreamable(ServerError):
+    """A request asks for something a stream cannot carry."""
+
+
 class RouteRejected(ServerError):
     """The router was not confident enough and the server is configured to reject."""
 
@@ -73,6 +77,7 @@ _STATUS: list[tuple[type[Exception], int, str]] = [  # first match wins
     (PromptTooLong, 400, "invalid_request_error"),
     (UnknownTokenIds, 400, "invalid_request_error"),
     (RouteRejected, 422, "routing_error"),
+    (NotStreamable, 422, "invalid_request_error"),
     (NotReady, 503, "service_unavailable"),
     (Overloaded, 503, "overloaded_error"),
     (NoSlotFree, 409, "conflict_error"),
@@ -94,7 +99,22 @@ def error_body(kind: str, message: str, param: str | None = None, code: int | st
     return {"error": {"type": kind, "message": message, "param": param, "code": code}}
 
 
-def error_response(exc: Exception) -> JSONResponse:
+# TGI's and LoRAX's routes (api/tgi.py): their clients read errors as {"error": message, "error_type": kind}
+TGI_PATHS = frozenset({"/", "/generate", "/generate_stream"})
+_TGI_TYPES = {400: "validation", 413: "validation", 422: "validation", 404: "not_found", 503: "overloaded",
+              500: "generation"}
+
+
+def _render(path: str, status: int, kind: str, message: str, param: str | None,
+            headers: dict[str, str] | None = None) -> JSONResponse:
+    if path in TGI_PATHS:
+        body = {"error": message, "error_type": _TGI_TYPES.get(status, kind), "param": param}
+    else:
+        body = error_body(kind, message, param, status)
+    return JSONResponse(body, status, headers)
+
+
+def error_response(exc: Exception, path: str = "") -> JSONResponse:
     for cls, status, kind in _STATUS:
         if isinstance(exc, cls):
             headers = {}
@@ -103,16 +123,16 @@ def error_response(exc: Exception) -> JSONResponse:
             if isinstance(exc, Unauthorized):
                 headers["WWW-Authenticate"] = "Bearer"
             message = getattr(exc, "message", None) or str(exc)
-            return JSONResponse(error_body(kind, message, getattr(exc, "param", None), status), status, headers)
+            return _render(path, status, kind, message, getattr(exc, "param", None), headers)
     log.exception("unhandled error", exc_info=exc)
-    return JSONResponse(error_body("server_error", "internal server error", None, 500), 500)
+    return _render(path, 500, "server_error", "internal server error", None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    async def domain(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(exc)
+    async def domain(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc, request.url.path)
 
-    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems, params = [], []
         for err in exc.errors():
             loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "query", "path")]
@@ -120,12 +140,11 @@ def install_error_handlers(app: FastAPI) -> None:
             params.append(field)
             problems.append(f"{field}: {err.get('msg')}")
         message = "invalid request: " + "; ".join(problems)
-        return JSONResponse(error_body("invalid_request_error", message, params[0] if params else None, 422), 422)
+        return _render(request.url.path, 422, "invalid_request_error", message, params[0] if params else None)
 
-    async def http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(kind, str(exc.detail), None, exc.status_code), exc.status_code,
-                            getattr(exc, "headers", None))
+        return _render(request.url.path, exc.status_code, kind, str(exc.detail), None, getattr(exc, "headers", None))
 
     for cls in (AdapterError, ServerError, Overloaded, NoSlotFree, ClientGone):
         app.add_exception_handler(cls, domain)

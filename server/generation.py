@@ -28,11 +28,12 @@ class Result:
     logprobs: tuple[TokenLogprob, ...] = ()
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
     stop_reason: str | int | None = None
+    end: TokenLogprob | None = None  # the end token (EOS or a stop token id) and its logprob, when asked
 
     @classmethod
     def of(cls, done: Done) -> Result:
         return cls(done.text, done.finish_reason, done.prompt_tokens, done.completion_tokens, done.timings,
-                   done.logprobs, done.prompt_logprobs, done.stop_reason)
+                   done.logprobs, done.prompt_logprobs, done.stop_reason, done.end)
 
 
 class Generator:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from .api import admin, generate, health, openai, tokenize
+from .api import admin, generate, health, openai, tgi, tokenize
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .settings import Settings
@@ -48,6 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="clora-serve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (health, openai, generate, tokenize, admin):
+    for module in (health, openai, generate, tokenize, tgi, admin):
         app.include_router(module.router)
     return app

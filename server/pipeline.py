@@ -77,7 +77,8 @@ async def _store(core: AppState, key: str | None, deltas: list[str], result: Res
         return
     body = {"deltas": deltas, "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
             "completion_tokens": result.completion_tokens, "logprobs": _stored(result.logprobs),
-            "prompt_logprobs": _stored(result.prompt_logprobs), "stop_reason": result.stop_reason}
+            "prompt_logprobs": _stored(result.prompt_logprobs), "stop_reason": result.stop_reason,
+            "end": _stored((result.end,) if result.end else ())}
     await core.cache.set(key, json.dumps(body).encode())
 
 
@@ -92,7 +93,7 @@ def _loaded(stored: list) -> tuple[TokenLogprob, ...]:
 def _from_cache(hit: dict) -> Result:
     return Result("".join(hit["deltas"]), hit["finish_reason"], hit["prompt_tokens"], hit["completion_tokens"],
                   {"cached": 1.0}, _loaded(hit.get("logprobs", [])), _loaded(hit.get("prompt_logprobs", [])),
-                  hit.get("stop_reason"))
+                  hit.get("stop_reason"), next(iter(_loaded(hit.get("end", []))), None))
 
 
 def _observe(core: AppState, job: Job, result: Result | None, status: int) -> None:

@@ -66,6 +66,7 @@ class _Row:
     pinned: bool = False  # holds a pin on its slot (released exactly once)
     finish: str | None = None
     stop_reason: str | int | None = None  # see Done
+    end: TokenLogprob | None = None  # see Done
     timings: dict[str, float] = field(default_factory=dict)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
     logprobs_sent: int = 0  # of those, how many went out with deltas
@@ -434,6 +435,8 @@ class Engine:
         if token in row.end_ids:
             row.finish = "stop"
             row.stop_reason = token if token in p.stop_token_ids else None
+            if p.logprobs is not None:
+                row.end = token_logprobs(logits[None], torch.tensor([token], device=logits.device), p.logprobs)[0]
             return
         if p.logprobs is not None:
             row.logprobs += token_logprobs(logits[None], torch.tensor([token], device=logits.device), p.logprobs)
@@ -464,7 +467,7 @@ class Engine:
             now = time.perf_counter()
             row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
             row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text,
-                              tuple(row.logprobs), row.prompt_logprobs, row.stop_reason))
+                              tuple(row.logprobs), row.prompt_logprobs, row.stop_reason, row.end))
         self._rows = keep
         if not keep:
             self.runner.shrink()

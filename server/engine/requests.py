@@ -43,6 +43,7 @@ class Done:
     logprobs: tuple[TokenLogprob, ...] = ()  # of every output token but EOS, when the request asked for them
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # of the prompt's tokens after the first, when asked for
     stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that ended it (None: EOS)
+    end: TokenLogprob | None = None  # the token that ended it (EOS or a stop token id), when logprobs were asked
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ keeps the tokens at least ``min_p`` times as likely as the likeliest, then top-k
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,6 +49,12 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    def cache_fields(self) -> dict[str, object]:
+        """Everything that shapes the output but ``max_tokens`` (a response cache key adds the budgeted one)."""
+        fields = dataclasses.asdict(self)
+        del fields["max_tokens"]
+        return fields
 
     def end_ids(self, eos_ids: frozenset[int] | set[int]) -> frozenset[int]:
         """The tokens that end this row: its ``stop_token_ids``, and the model's EOS unless ``ignore_eos``."""

@@ -84,3 +84,24 @@ def test_loglikelihood_as_an_evaluation_harness_asks_for_it(smol_server) -> None
         return sum(lp["token_logprobs"][start:end])
 
     assert loglikelihood(" Paris") > loglikelihood(" London") + 2
+
+
+def test_tgi_stream_and_details_end_on_the_eos_token(smol_server, smollm2_dir: Path) -> None:
+    """The real model ends a chat turn with its EOS: TGI lists it as the last (special) token, streamed or not."""
+    from transformers import AutoTokenizer
+
+    srv, _ = smol_server
+    inputs = AutoTokenizer.from_pretrained(smollm2_dir).apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False)
+    body = {"inputs": inputs, "parameters": {"max_new_tokens": 64, "details": True}}
+    whole = httpx.post(srv.url + "/generate", json=body, timeout=120).json()
+    d = whole["details"]
+    assert d["finish_reason"] == "eos_token" and whole["generated_text"].strip(), whole["generated_text"]
+    assert d["tokens"][-1]["special"] and not any(t["special"] for t in d["tokens"][:-1])
+    assert len(d["tokens"]) == d["generated_tokens"] < 64
+    import json
+
+    with httpx.stream("POST", srv.url + "/generate_stream", json=body, timeout=120) as r:
+        evs = [json.loads(ln[5:]) for ln in r.iter_lines() if ln.startswith("data:")]
+    assert [e["token"]["id"] for e in evs] == [t["id"] for t in d["tokens"]] and evs[-1]["token"]["special"]
+    assert "".join(e["token"]["text"] for e in evs) == evs[-1]["generated_text"] == whole["generated_text"]
