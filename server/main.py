@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from . import __version__
 from .api import admin, generate, health, openai, tgi, tokenize
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -46,7 +47,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await core.cache.close()
                 await asyncio.to_thread(core.close)
 
-    app = FastAPI(title="clora-serve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="clora-serve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     for module in (health, openai, generate, tokenize, tgi, admin):
         app.include_router(module.router)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from adapters_store.spec import Manifest
+
+from .. import __version__
 from ..deps import Core, MetricsDep
 from ..errors import error_body
+from ..state import AppState
 
 router = APIRouter()
 
@@ -26,16 +30,29 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": core.model_id, "adapters": len(core.registry.names())})
 
 
+def _card(core: AppState, m: Manifest | None) -> dict:
+    """OpenAI's model object (and vLLM's ``root``, ``parent``, ``max_model_len``); ``m`` None: the base model."""
+    card = {"object": "model", "created": int(core.started), "owned_by": "clora-serve", "root": core.model_id,
+            "max_model_len": core.generator.max_len}
+    if m is None:
+        return {"id": core.model_id, **card, "parent": None, "kind": "base"}
+    return {"id": m.name, **card, "parent": core.model_id, "kind": m.kind, "version": m.version}
+
+
 @router.get("/v1/models")
 async def models(core: Core) -> dict:
-    created, most = int(core.started), core.generator.max_len
-    data = [{"id": core.model_id, "object": "model", "created": created, "owned_by": "clora-serve",
-             "root": core.model_id, "parent": None, "max_model_len": most, "kind": "base"}]
-    for m in core.registry.manifests():
-        data.append({"id": m.name, "object": "model", "created": created, "owned_by": "clora-serve",
-                     "root": core.model_id, "parent": core.model_id, "max_model_len": most, "kind": m.kind,
-                     "version": m.version})
-    return {"object": "list", "data": data}
+    return {"object": "list", "data": [_card(core, None)] + [_card(core, m) for m in core.registry.manifests()]}
+
+
+@router.get("/v1/models/{model:path}")
+async def model(model: str, core: Core) -> dict:
+    """One model (the ``openai`` client's ``models.retrieve``); an unknown one is a 404 naming the known."""
+    return _card(core, None if core.routing.is_base(model) else core.registry.resolve(model))
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": __version__}
 
 
 @router.get("/metrics")

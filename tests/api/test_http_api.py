@@ -41,6 +41,18 @@ def test_health_ready_models(server) -> None:
     assert httpx.get(server.url + "/ready").status_code == 200
     ids = {m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]}
     assert {"alpha", "beta", "gamma"} <= ids and len(ids) == 4
+    from openai import NotFoundError, OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused")
+    card = client.models.retrieve("beta")
+    base = httpx.get(server.url + "/ready").json()["model"]
+    assert (card.id, card.parent, card.version) == ("beta", base, 1)
+    assert client.models.retrieve(base).kind == "base"
+    with pytest.raises(NotFoundError, match="alpha"):
+        client.models.retrieve("nope")
+    from importlib.metadata import version
+
+    assert httpx.get(server.url + "/version").json()["version"] == version("clora-serve")
 
 
 def test_tokenize_and_detokenize_count_what_generation_counts(server, tiny_llama_dir) -> None:
