@@ -83,11 +83,11 @@ async def _store(core: AppState, key: str | None, deltas: list[str], result: Res
 
 
 def _stored(lps: tuple[TokenLogprob, ...]) -> list:
-    return [[t.token, t.logprob, [list(p) for p in t.top]] for t in lps]
+    return [[t.token, t.logprob, [list(p) for p in t.top], t.rank] for t in lps]
 
 
 def _loaded(stored: list) -> tuple[TokenLogprob, ...]:
-    return tuple(TokenLogprob(t, lp, tuple((i, v) for i, v in top)) for t, lp, top in stored)
+    return tuple(TokenLogprob(t, lp, tuple((i, v) for i, v in top), *rank) for t, lp, top, *rank in stored)
 
 
 def _from_cache(hit: dict) -> Result:

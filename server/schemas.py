@@ -116,6 +116,8 @@ class _OpenAIRequest(_Sampling):
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices to generate (seeded: choice i uses seed + i).")
     task: str | None = Field(None, description="Task hint (clora extension): route to this adapter.")
     user: str | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=(
+        "vLLM's: each prompt token's log-probability and rank, with this many likeliest alternatives."))
     # OpenAI and vLLM fields this server does not implement. They change what a response means (tool calls, a
     # JSON schema, beam search), so a request that asks for them gets a 422 naming them, not an answer that
     # silently ignores them. Fields nobody defines are ignored and logged, as vLLM does.
@@ -138,6 +140,12 @@ class _OpenAIRequest(_Sampling):
             return v
         raise ValueError(f"{info.field_name} is not supported by this server (plain text generation only); "
                          "remove the field")
+
+    @model_validator(mode="after")
+    def _prompt_scores_not_streamed(self) -> Any:
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs are not streamed; set stream=false")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -189,7 +197,8 @@ class CompletionRequest(_OpenAIRequest):
         return self.logprobs
 
     def prompt_logprob_count(self) -> int | None:
-        return self.logprobs if self.echo else None
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(asked) if asked else None
 
 
 class ChatMessage(BaseModel):
@@ -234,6 +243,9 @@ class ChatCompletionRequest(_OpenAIRequest):
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def prompt_logprob_count(self) -> int | None:
+        return self.prompt_logprobs
 
 
 class GenerateRequest(_Sampling):

@@ -22,7 +22,7 @@ from ..pipeline import Job, route_dict
 from ..schemas import ChatCompletionRequest, CompletionRequest, chat_messages
 from ..state import AppState
 from .disconnect import unless_disconnected
-from .logprobs import LogprobFormatter
+from .logprobs import LogprobFormatter, vllm_prompt_logprobs
 
 router = APIRouter(prefix="/v1")
 
@@ -49,10 +49,11 @@ def _headers(founds: list[pipeline.Lookup]) -> dict[str, str]:
 
 
 def _choice(i: int, r: Result, fmt: LogprobFormatter | None, prompt_ids: list[int], chat: bool,
-            echo: str) -> dict[str, Any]:
+            echo: str, k: int | None) -> dict[str, Any]:
+    """``k``: the alternatives the request asked for with each output token (and, with echo, prompt token)."""
     logprobs = None
     if fmt is not None:
-        prompt = fmt.prompt(prompt_ids, r.prompt_logprobs) if echo else None  # first: text offsets run on
+        prompt = fmt.prompt(prompt_ids, r.prompt_logprobs, k or 0) if echo else None  # first: offsets run on
         logprobs = fmt(r.logprobs)
         if prompt is not None:
             logprobs = {k: prompt[k] + logprobs[k] for k in logprobs}
@@ -74,9 +75,12 @@ class Prompt:
 
 
 async def _respond(request: Request, core: AppState, prompts: list[Prompt], model: str, chat: bool,
-                   include_usage: bool, stream: bool, n: int = 1) -> JSONResponse | StreamingResponse:
+                   include_usage: bool, stream: bool, n: int = 1,
+                   prompt_logprobs: int | None = None) -> JSONResponse | StreamingResponse:
     """``n`` choices of every prompt, prompt p's choice i at index ``p·n + i`` (OpenAI's order); each says where
-    it was routed. With ``echo``, a completion starts with its prompt (and, with logprobs, has its tokens')."""
+    it was routed. With ``echo``, a completion starts with its prompt (and, with logprobs, has its tokens').
+    ``prompt_logprobs``: vLLM's, with this many alternatives (not streamed): in each choice, or for chat in the
+    response."""
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
     obj = "chat.completion" if chat else "text_completion"
@@ -91,11 +95,20 @@ async def _respond(request: Request, core: AppState, prompts: list[Prompt], mode
 
     if not stream:
         outs = await unless_disconnected(request, pipeline.run_all(core, jobs, founds))
-        choices = [{**_choice(i, out.result, formatter(), of[i].job.ids, chat, of[i].echo), "route": routes[i]}
+        k = jobs[0].params.logprobs
+        choices = [{**_choice(i, out.result, formatter(), of[i].job.ids, chat, of[i].echo, k), "route": routes[i]}
                    for i, out in enumerate(outs)]
         body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
                 "usage": _usage([o.result for o in outs], len(prompts)), "route": route,
                 "cached": all(o.cached for o in outs)}
+        if prompt_logprobs is not None:
+            scores = [vllm_prompt_logprobs(core.generator.tokenizer, o.result.prompt_logprobs, prompt_logprobs)
+                      for o in outs]
+            if chat:
+                body["prompt_logprobs"] = scores[0]
+            else:
+                for c, s in zip(choices, scores):
+                    c["prompt_logprobs"] = s
         return JSONResponse(body, headers=_headers(founds))
 
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -153,7 +166,8 @@ async def completions(body: CompletionRequest, core: Core, request: Request):
         job = Job("completions", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
         prompts.append(Prompt(job, text if body.echo else ""))
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, prompts, body.model, False, include_usage, body.stream, body.n)
+    return await _respond(request, core, prompts, body.model, False, include_usage, body.stream, body.n,
+                          body.prompt_logprobs)
 
 
 @router.post("/chat/completions")
@@ -167,4 +181,5 @@ async def chat_completions(body: ChatCompletionRequest, core: Core, request: Req
     fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}
     job = Job("chat", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(request, core, [Prompt(job)], body.model, True, include_usage, body.stream, body.n)
+    return await _respond(request, core, [Prompt(job)], body.model, True, include_usage, body.stream, body.n,
+                          body.prompt_logprobs)

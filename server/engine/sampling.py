@@ -69,17 +69,20 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # 1 + how many tokens were likelier
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
     """``tokens[i]``'s log-probability under ``logits[i]`` (``(c, V)``, ``(c,)``), with the ``k`` most likely."""
     lp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    picked = lp.gather(1, tokens[:, None])  # (c, 1)
+    ranks = ((lp > picked).sum(1) + 1).tolist()
+    chosen = picked[:, 0].tolist()
     tops: list[tuple[tuple[int, float], ...]] = [()] * len(chosen)
     if k:
         vals, idx = lp.topk(k, dim=-1)
         tops = [tuple(zip(i, v)) for i, v in zip(idx.tolist(), vals.tolist())]
-    return [TokenLogprob(t, c, top) for t, c, top in zip(tokens.tolist(), chosen, tops)]
+    return [TokenLogprob(t, c, top, r) for t, c, top, r in zip(tokens.tolist(), chosen, tops, ranks)]
 
 
 class RowSampler:

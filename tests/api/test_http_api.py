@@ -409,6 +409,35 @@ def test_echo_gives_the_prompt_and_its_logprobs(server, tiny_llama_dir, tiny_ada
     assert r.status_code == 422 and "stream=false" in r.json()["error"]["message"]
 
 
+def test_vllm_prompt_logprobs_rank_every_prompt_token(server, tiny_llama_dir) -> None:
+    from transformers import AutoTokenizer
+
+    text = "Once upon a time there was a"
+    ids = AutoTokenizer.from_pretrained(tiny_llama_dir)(text)["input_ids"]
+    body = {"model": "alpha", "prompt": text, "max_tokens": 1, "temperature": 0}
+    both = complete(server, **body, echo=True, logprobs=1, prompt_logprobs=3)["choices"][0]
+    scores, echo = both["prompt_logprobs"], both["logprobs"]
+    assert scores[0] is None and len(scores) == len(ids)
+    assert all(len(top) == 1 for top in echo["top_logprobs"][1:len(ids)])  # echo keeps its own k
+    for j, entry in enumerate(scores[1:], 1):
+        own = entry[str(ids[j])]
+        assert own["logprob"] == pytest.approx(echo["token_logprobs"][j], abs=1e-6)
+        others = [v for k, v in entry.items() if k != str(ids[j])]
+        assert sorted(v["rank"] for v in entry.values())[:3] == [1, 2, 3]  # the token there and the top 3
+        assert len(entry) == (3 if own["rank"] <= 3 else 4)
+        if own["rank"] <= 3:
+            assert own["rank"] == 1 + sum(v["logprob"] > own["logprob"] for v in others)
+        else:
+            assert all(v["logprob"] > own["logprob"] for v in others)
+    alone = complete(server, **body, prompt_logprobs=0)["choices"][0]
+    assert alone["logprobs"] is None and [list(e) for e in alone["prompt_logprobs"][1:]] == [[str(i)] for i in ids[1:]]
+    chat = post(server, "/v1/chat/completions", {"model": "beta", "messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 1, "prompt_logprobs": 1}).json()
+    assert len(chat["prompt_logprobs"]) == chat["usage"]["prompt_tokens"] and chat["prompt_logprobs"][0] is None
+    r = post(server, "/v1/completions", {**body, "prompt_logprobs": 1, "stream": True})
+    assert r.status_code == 422 and "stream=false" in r.text
+
+
 def test_a_prompt_of_token_ids_is_the_prompt_those_ids_spell(server, tiny_llama_dir) -> None:
     from transformers import AutoTokenizer
 
