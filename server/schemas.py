@@ -143,8 +143,9 @@ class _OpenAIRequest(_Sampling):
 
     @model_validator(mode="after")
     def _prompt_scores_not_streamed(self) -> Any:
-        if self.prompt_logprobs is not None and self.stream:
-            raise ValueError("prompt_logprobs are not streamed; set stream=false")
+        if self.stream and self.prompt_logprob_count() is not None:
+            raise ValueError("the prompt's log-probabilities (prompt_logprobs, or echo with logprobs) are not "
+                             "streamed; set stream=false")
         return self
 
     @model_validator(mode="before")
@@ -185,12 +186,6 @@ class CompletionRequest(_OpenAIRequest):
         if len(self.prompt) * self.n > MAX_CHOICES * 4:
             raise ValueError(f"prompts x n = {len(self.prompt)} x {self.n} is over the {MAX_CHOICES * 4} choices a "
                              "request may ask for; split the request")
-        return self
-
-    @model_validator(mode="after")
-    def _echo_logprobs_not_streamed(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None and self.stream:
-            raise ValueError("echo with logprobs (the prompt's log-probabilities) is not streamed; set stream=false")
         return self
 
     def logprob_count(self) -> int | None:
@@ -282,7 +277,6 @@ class DetokenizeRequest(BaseModel):
 
     model: str | None = None
     tokens: list[int]
-
 
 
 class TGIParameters(BaseModel):

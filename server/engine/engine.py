@@ -432,14 +432,14 @@ class Engine:
         row.last_token_at = now
         row.generated += 1
         p = row.req.params
+        lp = None if p.logprobs is None else token_logprobs(
+            logits[None], torch.tensor([token], device=logits.device), p.logprobs)[0]
         if token in row.end_ids:
-            row.finish = "stop"
+            row.finish, row.end = "stop", lp
             row.stop_reason = token if token in p.stop_token_ids else None
-            if p.logprobs is not None:
-                row.end = token_logprobs(logits[None], torch.tensor([token], device=logits.device), p.logprobs)[0]
             return
-        if p.logprobs is not None:
-            row.logprobs += token_logprobs(logits[None], torch.tensor([token], device=logits.device), p.logprobs)
+        if lp is not None:
+            row.logprobs.append(lp)
         delta = row.text.add(token)
         if delta and row.req.deltas:
             row.req.emit(Delta(delta, token, row.unsent_logprobs()))
