@@ -71,14 +71,16 @@ class Generator:
     def prompt_text(self, prompt: str | list[int]) -> str:
         return prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
 
-    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def chat_prompt(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    continue_final: bool = False) -> str:
         """The messages in the model's chat template (a plain ``role: content`` transcript when it has none),
-        ending with the assistant's turn unless ``add_generation_prompt`` is false."""
+        ending with the assistant's turn unless ``add_generation_prompt`` is false, or with the last message left
+        open (``continue_final``: the model continues it)."""
         if not getattr(self.tokenizer, "chat_template", None):
-            turn = "assistant: " if add_generation_prompt else ""
-            return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + turn
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+            return text[:-1] if continue_final else text + ("assistant: " if add_generation_prompt else "")
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=False)
+                                                  continue_final_message=continue_final, tokenize=False)
 
     def encode_chat(self, prompt: str) -> list[int]:
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])

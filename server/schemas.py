@@ -224,11 +224,17 @@ class ChatCompletionRequest(_OpenAIRequest):
     logprobs: bool = Field(False, description="Return each output token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description="Alternatives per token (needs logprobs).")
+    add_generation_prompt: bool = Field(True, description="vLLM's: end the prompt with a new assistant turn.")
+    continue_final_message: bool = Field(False, description=(
+        "vLLM's: leave the last (assistant) message open and continue it (a prefilled reply)."))
 
     @model_validator(mode="after")
     def _checks(self) -> "ChatCompletionRequest":
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
+        if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message continues a last assistant message; set "
+                             "add_generation_prompt=false and end the messages with the assistant's start")
         if self.max_tokens is None and self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         for m in self.messages:

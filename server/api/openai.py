@@ -173,12 +173,12 @@ async def completions(body: CompletionRequest, core: Core, request: Request):
 @router.post("/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, core: Core, request: Request):
     messages = chat_messages(body.messages)
-    prompt = core.generator.chat_prompt(messages)
+    prompt = core.generator.chat_prompt(messages, body.add_generation_prompt, body.continue_final_message)
     last_user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), prompt)
     decision = await core.routing.decide_async(body.task or body.model, last_user)
     ids = core.generator.encode_chat(prompt)
     max_tokens = core.generator.budget(len(ids), body.max_tokens, DEFAULT_CHAT_TOKENS)
-    fields = {"endpoint": "chat", "messages": messages, **body.cache_fields()}
+    fields = {"endpoint": "chat", "prompt": prompt, **body.cache_fields()}  # the rendered turn: keys every option
     job = Job("chat", ids, decision, core.generator.checked(body.sampling(max_tokens)), fields)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await _respond(request, core, [Prompt(job)], body.model, True, include_usage, body.stream, body.n,

@@ -75,6 +75,27 @@ def test_tokenize_and_detokenize_count_what_generation_counts(server, tiny_llama
     assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
 
 
+def test_chat_continues_a_prefilled_assistant_message(server, tiny_llama_dir) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "My favourite is"}]
+    rendered = AutoTokenizer.from_pretrained(tiny_llama_dir).apply_chat_template(
+        messages, continue_final_message=True, tokenize=False)
+    assert rendered.endswith("My favourite is")
+    body = {"model": "gamma", "messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    cont = post(server, "/v1/chat/completions", {**body, "add_generation_prompt": False,
+                                                 "continue_final_message": True}).json()
+    want = complete(server, "gamma", rendered, max_tokens=6, temperature=0, ignore_eos=True)
+    assert cont["choices"][0]["message"]["content"] == want["choices"][0]["text"]
+    assert cont["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] and cont["cached"] is False
+    fresh = post(server, "/v1/chat/completions", body).json()  # a new assistant turn: another prompt, another key
+    assert fresh["cached"] is False and fresh["usage"]["prompt_tokens"] > cont["usage"]["prompt_tokens"]
+    for bad in ({"continue_final_message": True}, {"continue_final_message": True, "add_generation_prompt": False,
+                                                   "messages": messages[:1]}):
+        r = post(server, "/v1/chat/completions", {**body, **bad})
+        assert r.status_code == 422 and "continue_final_message" in r.text
+
+
 def test_openai_client_unchanged(server) -> None:
     from openai import OpenAI
 
