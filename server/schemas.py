@@ -269,6 +269,7 @@ class TokenizeRequest(BaseModel):
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     add_special_tokens: bool = Field(True, description="With a prompt: the tokenizer's BOS and the like.")
     add_generation_prompt: bool = Field(True, description="With messages: end with the assistant's turn.")
+    continue_final_message: bool = Field(False, description="With messages: leave the last one open.")
     return_token_strs: bool = False
 
     @model_validator(mode="after")

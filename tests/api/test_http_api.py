@@ -88,6 +88,8 @@ def test_chat_continues_a_prefilled_assistant_message(server, tiny_llama_dir) ->
     want = complete(server, "gamma", rendered, max_tokens=6, temperature=0, ignore_eos=True)
     assert cont["choices"][0]["message"]["content"] == want["choices"][0]["text"]
     assert cont["usage"]["prompt_tokens"] == want["usage"]["prompt_tokens"] and cont["cached"] is False
+    counted = post(server, "/tokenize", {"messages": messages, "continue_final_message": True}).json()["count"]
+    assert counted == cont["usage"]["prompt_tokens"]
     fresh = post(server, "/v1/chat/completions", body).json()  # a new assistant turn: another prompt, another key
     assert fresh["cached"] is False and fresh["usage"]["prompt_tokens"] > cont["usage"]["prompt_tokens"]
     for bad in ({"continue_final_message": True}, {"continue_final_message": True, "add_generation_prompt": False,
