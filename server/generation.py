@@ -75,7 +75,8 @@ class Generator:
                     continue_final: bool = False) -> str:
         """The messages in the model's chat template (a plain ``role: content`` transcript when it has none),
         ending with the assistant's turn unless ``add_generation_prompt`` is false, or with the last message left
-        open (``continue_final``: the model continues it)."""
+        open (``continue_final``: the model continues it; no new turn then)."""
+        add_generation_prompt = add_generation_prompt and not continue_final
         if not getattr(self.tokenizer, "chat_template", None):
             text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
             return text[:-1] if continue_final else text + ("assistant: " if add_generation_prompt else "")

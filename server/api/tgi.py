@@ -77,14 +77,19 @@ def _text(body: TGIRequest, r: Result) -> str:
     return (body.inputs if body.parameters.return_full_text else "") + r.text
 
 
+def _summary(job: Job, r: Result) -> dict[str, Any]:
+    """What TGI's details and its stream's last event both say (LoRAX's ``prompt_tokens``, TGI's ``input_length``)."""
+    return {"finish_reason": _finish(r), "prompt_tokens": r.prompt_tokens, "input_length": r.prompt_tokens,
+            "generated_tokens": r.completion_tokens, "seed": job.params.seed}
+
+
 def _details(body: TGIRequest, job: Job, r: Result, tokens: _Tokens) -> dict[str, Any]:
     out_tokens = [*r.logprobs, *([r.end] if r.end is not None else [])]
     prefill = []
     if body.parameters.decoder_input_details:
         prefill = [tokens.one(job.ids[0], None)] + [tokens.one(t.token, t.logprob) for t in r.prompt_logprobs]
-    d: dict[str, Any] = {"finish_reason": _finish(r), "prompt_tokens": r.prompt_tokens, "input_length": r.prompt_tokens,
-                         "generated_tokens": r.completion_tokens, "seed": job.params.seed, "prefill": prefill,
-                         "tokens": [tokens.generated(t) for t in out_tokens], "best_of_sequences": None}
+    d: dict[str, Any] = {**_summary(job, r), "prefill": prefill, "tokens": [tokens.generated(t) for t in out_tokens],
+                         "best_of_sequences": None}
     if body.parameters.top_n_tokens:
         d["top_tokens"] = [tokens.top(t) for t in out_tokens]
     return d
@@ -138,9 +143,7 @@ async def _stream(body: TGIRequest, core: AppState) -> StreamingResponse:
                     raise GenerationFailed("the generation ended without a token")
                 held["token"]["text"] += owed
                 held["generated_text"] = _text(body, result)
-                held["details"] = {"finish_reason": _finish(result), "prompt_tokens": result.prompt_tokens,
-                                   "input_length": result.prompt_tokens, "generated_tokens": result.completion_tokens,
-                                   "seed": job.params.seed}
+                held["details"] = _summary(job, result)
                 yield _sse(held)
         except GenerationFailed as e:
             yield _sse({"error": e.message, "error_type": "generation"})

@@ -23,8 +23,7 @@ async def tokenize(body: TokenizeRequest, core: Core) -> dict:
     _check_model(core, body.model)
     gen = core.generator
     if body.messages is not None:
-        ids = gen.encode_chat(gen.chat_prompt(chat_messages(body.messages),
-                                              body.add_generation_prompt and not body.continue_final_message,
+        ids = gen.encode_chat(gen.chat_prompt(chat_messages(body.messages), body.add_generation_prompt,
                                               body.continue_final_message))
     else:
         ids = gen.encode(body.prompt or "", body.add_special_tokens)

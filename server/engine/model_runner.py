@@ -168,7 +168,7 @@ class ModelRunner:
         out: list[TokenLogprob] = []
         for s in range(0, len(nxt), SCORE_CHUNK):
             ids = nxt[s: s + SCORE_CHUNK]
-            out += token_logprobs(self._logits(h[s: s + len(ids)]), ids, k)
+            out += token_logprobs(self._logits(h[s: s + len(ids)]), ids, k, ranked=True)
         return out
 
     @torch.inference_mode()

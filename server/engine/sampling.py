@@ -69,15 +69,16 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
-    rank: int | None = None  # 1 + how many tokens were likelier
+    rank: int | None = None  # 1 + how many tokens were likelier (prompt tokens only: vLLM's prompt_logprobs)
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> list[TokenLogprob]:
-    """``tokens[i]``'s log-probability under ``logits[i]`` (``(c, V)``, ``(c,)``), with the ``k`` most likely."""
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, ranked: bool = False) -> list[TokenLogprob]:
+    """``tokens[i]``'s log-probability under ``logits[i]`` (``(c, V)``, ``(c,)``), with the ``k`` most likely;
+    ``ranked``: and its rank (a pass over the vocabulary: only prompt scoring asks, never a decode step)."""
     lp = torch.log_softmax(logits.float(), dim=-1)
     picked = lp.gather(1, tokens[:, None])  # (c, 1)
-    ranks = ((lp > picked).sum(1) + 1).tolist()
     chosen = picked[:, 0].tolist()
+    ranks: list[int | None] = ((lp > picked).sum(1) + 1).tolist() if ranked else [None] * len(chosen)
     tops: list[tuple[tuple[int, float], ...]] = [()] * len(chosen)
     if k:
         vals, idx = lp.topk(k, dim=-1)

@@ -130,7 +130,7 @@ def test_token_logprobs_give_the_rank_and_the_likeliest() -> None:
     from server.engine.sampling import token_logprobs
 
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 1.0, 1.0, 0.0]])
-    a, b = token_logprobs(logits, torch.tensor([0, 2]), 2)
+    a, b = token_logprobs(logits, torch.tensor([0, 2]), 2, ranked=True)
     lp = torch.log_softmax(logits, -1)
     assert (a.rank, b.rank) == (4, 2)  # ties: only strictly likelier tokens count
     assert a.logprob == pytest.approx(float(lp[0, 0])) and [i for i, _ in a.top] == [1, 3]
