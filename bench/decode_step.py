@@ -38,7 +38,7 @@ def step_ms(engine, slots: list[int], prompts: list[list[int]], steps: int) -> f
     """Median milliseconds of one decode step for rows on ``slots`` (-1: base model), after a prefill; the first
     quarter of the steps is left out (warm-up)."""
     runner = engine.runner
-    build_lora_batch(engine.lora_batch, slots, [None] * len(slots), engine.slots.ranks(), runner.device,
+    build_lora_batch(engine.lora_batch, slots, [None] * len(slots), engine.adapters.table.ranks(), runner.device,
                      engine.lora_dtype)
     runner.prefill(list(range(len(slots))), prompts)
     lens, tokens, times = [PROMPT_TOKENS] * len(slots), [5] * len(slots), []
@@ -72,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work, torch.inference_mode():
         for i in range(8):
             path = make_peft_adapter(model_dir, Path(work) / f"ad{i}", r=8 if i % 2 else 16, seed=100 + i, std=0.01)
-            engine._set_slot(i, (f"ad{i}", 1), load_adapter_dir(path))
+            engine.adapters.write(i, (f"ad{i}", 1), load_adapter_dir(path))
         base, mixed = [], []
         for r in range(args.repeats):
             base.append(step_ms(engine, [-1] * args.rows, prompts, args.steps))

@@ -7,6 +7,9 @@ One thread owns the model, the KV cache and the adapter slots; nothing else touc
    slots first (load and validate first, evict second) and prefill them together;
 3. decode one token for every live row in one forward pass, each row on its own adapter slot;
 4. emit text deltas, retire finished rows at once (their cache rows are compacted away).
+
+Which adapter version sits in which slot, and the slot writes: adapter_slots.py. A row's state, token by token:
+rows.py. The forward passes: model_runner.py.
 """
 
 from __future__ import annotations
@@ -18,18 +21,18 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
 from typing import Callable, Protocol, TypeVar
 
 import torch
 
 from adapters_store.weights import AdapterWeights
 
+from .adapter_slots import AdapterSlots, AdapterUnavailable
 from .lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
 from .model_runner import ModelRunner
-from .requests import Delta, Done, Failed, GenerationRequest, Overloaded
-from .sampling import RowSampler, TextAssembler, TokenLogprob, token_logprobs
-from .slots import AdapterKey, NoSlotFree, SlotTable
+from .requests import Done, Failed, GenerationRequest, Overloaded
+from .rows import Row
+from .slots import AdapterKey
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,35 +50,6 @@ class EngineHooks(Protocol):
     def adapter_loaded(self, adapter: str, tier: str, seconds: float) -> None: ...
     def adapter_evicted(self, tier: str) -> None: ...
     def adapters_resident(self, tier: str, n: int) -> None: ...
-
-
-@dataclass
-class _Row:
-    req: GenerationRequest
-    slot: int  # -1 = base model
-    sampler: RowSampler
-    text: TextAssembler
-    length: int  # tokens in the cache
-    end_ids: frozenset[int] = frozenset()  # tokens that end the row: EOS unless ignored, and stop_token_ids
-    next_token: int = -1
-    generated: int = 0
-    admitted: float = 0.0
-    first_token_at: float = 0.0
-    last_token_at: float = 0.0
-    label: str = "__base__"
-    pinned: bool = False  # holds a pin on its slot (released exactly once)
-    finish: str | None = None
-    stop_reason: str | int | None = None  # see Done
-    end: TokenLogprob | None = None  # see Done
-    timings: dict[str, float] = field(default_factory=dict)
-    logprobs: list[TokenLogprob] = field(default_factory=list)  # when the request asked for them
-    logprobs_sent: int = 0  # of those, how many went out with deltas
-    prompt_logprobs: tuple[TokenLogprob, ...] = ()
-
-    def unsent_logprobs(self) -> tuple[TokenLogprob, ...]:
-        out = tuple(self.logprobs[self.logprobs_sent:])
-        self.logprobs_sent = len(self.logprobs)
-        return out
 
 
 class Engine:
@@ -101,17 +75,14 @@ class Engine:
         self.lora_batch, self.lora_layers = lora_batch, lora_layers
         first = next(iter(lora_layers.values()), None)  # slots store the model's dtype; the term runs in this one
         self.lora_dtype = first.compute_dtype if first is not None else self.runner.dtype
-        self.weights_for = weights_for
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
-        self.slots = SlotTable(max_loras)
-        self._gates: dict[int, object] = {}  # slot -> gate of a gated adapter
-        self._segments: dict[int, tuple[int, ...]] = {}
         self.hooks = hooks
+        self.adapters = AdapterSlots(lora_layers, weights_for, max_loras, self.runner.dtype, self._hook)
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()  # callables run between steps
         self._waiting: deque[GenerationRequest] = deque()
-        self._rows: list[_Row] = []
+        self._rows: list[Row] = []
         self._pending = 0  # submitted, not yet admitted (approximate across threads)
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -171,50 +142,19 @@ class Engine:
 
     def drop_adapter(self, name: str) -> Future[None]:
         """Free the slots of every version of ``name`` that no running row uses (others free as rows end)."""
-
-        def fn() -> None:
-            for slot in self.slots.slots_of(name):
-                if self.slots.pins(slot) == 0:
-                    self._clear_slot(slot)
-
-        return self.call_soon(fn)
+        return self.call_soon(lambda: self.adapters.drop(name))
 
     def hold_adapter(self, key: AdapterKey, held: bool) -> Future[None]:
         """Operator pin: load ``key`` into a slot now and keep it there (``held=False`` releases it); the future
         fails with ``NoSlotFree`` when every slot is in use or pinned."""
-
-        def fn() -> None:
-            slot = self.slots.lookup(key)
-            if slot is None and held:
-                target = self.slots.free_or_victim()
-                if target is None:
-                    raise NoSlotFree(f"all {self.slots.num_slots} compute slots are in use or pinned; unpin one, "
-                                     "or raise CLORA_MAX_LORAS")
-                slot = self._load_into(target, key, self.weights_for(key))
-            if slot is not None:
-                self.slots.hold(slot, held)
-
-        return self.call_soon(fn)
+        return self.call_soon(lambda: self.adapters.hold(key, held))
 
     def stage_adapter(self, key: AdapterKey) -> Future[None]:
         """Put a version just registered into a compute slot before its first request, when that takes nothing from
         anyone: no request is waiting, and a slot is free or idle (no rows, no operator pin; the least recently
         used goes). Its first request then finds it in place: the slot write (6-17 ms on SmolLM2, r 16 on
         q/k/v/o) runs while the register call's answer travels and that request comes in."""
-
-        def fn() -> None:
-            if self._waiting or self.slots.lookup(key) is not None:
-                return
-            target = self.slots.free_or_victim()
-            if target is not None:
-                try:
-                    weights = self.weights_for(key)
-                except Exception:  # unregistered meanwhile, or unreadable: its first request will say so
-                    log.debug("not staging %s", key, exc_info=True)
-                    return
-                self._load_into(target, key, weights)
-
-        return self.call_soon(fn)
+        return self.call_soon(lambda: None if self._waiting else self.adapters.stage(key))
 
     def run_on_engine(self, fn: Callable[[], T], timeout: float = 120.0) -> T:
         """Run ``fn`` with the bare base model (no adapter applied) on the engine thread, between two steps, and
@@ -237,7 +177,7 @@ class Engine:
             raise TimeoutError(f"the engine did not run the job within {timeout:.0f} s") from None
 
     def resident(self) -> list[AdapterKey]:
-        return self.slots.keys()
+        return self.adapters.keys()
 
     # ---- engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -305,7 +245,7 @@ class Engine:
 
     # ---- admission ------------------------------------------------------------------------------------
     def _admit(self) -> None:
-        admitted: list[_Row] = []
+        admitted: list[Row] = []
         blocked_head = False
         for req in list(self._waiting):
             if len(self._rows) + len(admitted) >= self.max_batch_size or len(admitted) >= self.prefill_chunk:
@@ -316,7 +256,7 @@ class Engine:
             if slot is None:
                 if not blocked_head:
                     blocked_head = True
-                    self.slots.drain_one(exclude={r.slot for r in admitted})
+                    self.adapters.table.drain_one(exclude={r.slot for r in admitted})
                 continue
             self._waiting.remove(req)
             self._dequeued()
@@ -327,76 +267,30 @@ class Engine:
     def _slot_for(self, req: GenerationRequest, allow_load: bool) -> int | None:
         if req.adapter is None:
             return -1
-        slot = self.slots.lookup(req.adapter)
-        if slot is not None:
+        slot = self.adapters.lookup(req.adapter)
+        if slot is not None or not allow_load:
             return slot
-        if not allow_load:
-            return None
-        free = self.slots.draining_free()
-        if free is not None:
-            self._clear_slot(free)
-        target = self.slots.free_or_victim()
-        if target is None:
-            return None
-        t0 = time.perf_counter()
         try:
-            weights = self.weights_for(req.adapter)  # load and validate first ...
-        except Exception as e:
+            return self.adapters.acquire(req.adapter)
+        except AdapterUnavailable as e:
             self._waiting.remove(req)
             self._dequeued()
             req.emit(Failed(f"adapter {req.adapter[0]} v{req.adapter[1]} could not be loaded: {e}"))
             return _DROPPED
-        return self._load_into(target, req.adapter, weights, t0)
 
-    def _load_into(self, target: tuple[int, AdapterKey | None], key: AdapterKey, weights: AdapterWeights,
-                   t0: float | None = None) -> int:
-        """Evict the slot's occupant, if any (second: the weights are loaded), and write ``key`` there."""
-        t0 = time.perf_counter() if t0 is None else t0
-        slot, victim = target
-        if victim is not None:
-            self._clear_slot(slot)
-            self._hook("adapter_evicted", "slot")
-        self._set_slot(slot, key, weights)
-        self._hook("adapter_loaded", key[0], "slot", time.perf_counter() - t0)
-        return slot
-
-    def _set_slot(self, slot: int, key: AdapterKey, w: AdapterWeights) -> None:
-        for path, A, Bs in w.each_slot_form(self.runner.dtype):  # a just-registered version converts here
-            self.lora_layers[path].write_slot(slot, A, Bs)
-        self.slots.assign(slot, key, w.rank)
-        if w.gate is not None:
-            self._gates[slot], self._segments[slot] = w.gate, w.segments
-
-    def _clear_slot(self, slot: int) -> None:
-        for layer in self.lora_layers.values():
-            if layer.present[slot]:
-                layer.clear_slot(slot)
-        self._gates.pop(slot, None)
-        self._segments.pop(slot, None)
-        self.slots.release(slot)
-
-    def _make_row(self, req: GenerationRequest, slot: int) -> _Row:
-        now = time.perf_counter()
-        self._hook("queue_wait", now - req.arrived)
+    def _make_row(self, req: GenerationRequest, slot: int) -> Row:
+        row = Row.admit(req, slot, self.tokenizer, self.eos_ids)
+        self._hook("queue_wait", row.timings["queue_s"])
         if slot >= 0:
-            self.slots.pin(slot)
-            if slot in self._gates:
-                pooled = self.runner.pooled_embedding(req.prompt_ids)
-                g = self._gates[slot](pooled).float().flatten()  # (n_branches,)
-                seg = torch.tensor(self._segments[slot])
-                req.rank_weights = torch.repeat_interleave(g.cpu(), seg)  # (rank,)
-        label = req.adapter[0] if req.adapter else "__base__"
-        p, end_ids = req.params, req.params.end_ids(self.eos_ids)
-        return _Row(req, slot, RowSampler(p, req.prompt_ids, end_ids),
-                    TextAssembler(self.tokenizer, p.stop, req.deltas, p.include_stop_str_in_output, p.min_tokens),
-                    length=len(req.prompt_ids), end_ids=end_ids, admitted=now, label=label, pinned=slot >= 0,
-                    timings={"queue_s": now - req.arrived})
+            self.adapters.table.pin(slot)
+            req.rank_weights = self.adapters.rank_weights(slot, lambda: self.runner.pooled_embedding(req.prompt_ids))
+        return row
 
-    def _set_lora_batch(self, rows: list[_Row], per_row: bool = False) -> None:
+    def _set_lora_batch(self, rows: list[Row], per_row: bool = False) -> None:
         build_lora_batch(self.lora_batch, [r.slot for r in rows], [r.req.rank_weights for r in rows],
-                         self.slots.ranks(), self.runner.device, self.lora_dtype, per_row)
+                         self.adapters.table.ranks(), self.runner.device, self.lora_dtype, per_row)
 
-    def _prefill(self, new: list[_Row]) -> None:
+    def _prefill(self, new: list[Row]) -> None:
         base = len(self._rows)
         # Several adapters: row by row (no row pays for the others' ranks; see packed_lora.py). A decode step
         # keeps the mask: one token per row, and its copies of the slots stay put while per-row ones would not.
@@ -422,7 +316,7 @@ class Engine:
             self._accept(row, row.sampler(lg), lg)
         self._retire()
 
-    def _accept(self, row: _Row, token: int, logits: torch.Tensor) -> None:
+    def _accept(self, row: Row, token: int, logits: torch.Tensor) -> None:
         now = time.perf_counter()
         if row.generated == 0:
             row.first_token_at = now
@@ -430,30 +324,12 @@ class Engine:
         else:
             self._hook("inter_token", row.label, now - row.last_token_at)
         row.last_token_at = now
-        row.generated += 1
-        p = row.req.params
-        lp = None if p.logprobs is None else token_logprobs(
-            logits[None], torch.tensor([token], device=logits.device), p.logprobs)[0]
-        if token in row.end_ids:
-            row.finish, row.end = "stop", lp
-            row.stop_reason = token if token in p.stop_token_ids else None
-            return
-        if lp is not None:
-            row.logprobs.append(lp)
-        delta = row.text.add(token)
-        if delta and row.req.deltas:
-            row.req.emit(Delta(delta, token, row.unsent_logprobs()))
-        if row.text.stopped:
-            row.finish, row.stop_reason = "stop", row.text.matched
-        elif row.generated >= p.max_tokens or row.length + 1 >= self.runner.max_len:
-            row.finish = "length"
-        else:
-            row.next_token = token
+        row.accept(token, logits, self.runner.max_len)
 
     def _retire(self) -> None:
         if not any(r.finish for r in self._rows):
             return
-        keep: list[_Row] = []
+        keep: list[Row] = []
         for i, row in enumerate(self._rows):
             if row.finish is None:
                 if len(keep) != i:
@@ -461,25 +337,19 @@ class Engine:
                 keep.append(row)
                 continue
             self._unpin(row)
-            tail = row.text.finish() if row.finish != "stop" or not row.text.stopped else ""
-            if tail and row.finish != "cancelled" and row.req.deltas:
-                row.req.emit(Delta(tail, -1, row.unsent_logprobs()))
-            now = time.perf_counter()
-            row.timings.update(ttft_s=row.first_token_at - row.req.arrived, total_s=now - row.req.arrived)
-            row.req.emit(Done(row.finish, len(row.req.prompt_ids), row.generated, row.timings, row.text.text,
-                              tuple(row.logprobs), row.prompt_logprobs, row.stop_reason, row.end))
+            row.close()
         self._rows = keep
         if not keep:
             self.runner.shrink()
 
-    def _unpin(self, row: _Row) -> None:
+    def _unpin(self, row: Row) -> None:
         if row.pinned:
             row.pinned = False
-            self.slots.unpin(row.slot)
+            self.adapters.table.unpin(row.slot)
 
     def _report(self) -> None:
         self._hook("engine_state", len(self._rows), self._pending, len(self._rows))
-        self._hook("adapters_resident", "slot", len(self.slots))
+        self._hook("adapters_resident", "slot", len(self.adapters))
 
     def _hook(self, name: str, *args: object) -> None:
         if self.hooks is None:

@@ -30,8 +30,8 @@ def test_converted_and_unconverted_weights_fill_a_slot_alike(tiny_llama_dir: Pat
     converted.slot_ready(eng.runner.dtype)
     assert fresh.converted(eng.runner.dtype) is None
     with torch.inference_mode():
-        eng._set_slot(0, ("fresh", 1), fresh)
-        eng._set_slot(1, ("converted", 1), converted)
+        eng.adapters.write(0, ("fresh", 1), fresh)
+        eng.adapters.write(1, ("converted", 1), converted)
     assert fresh.converted(eng.runner.dtype) is None  # written straight into the slot, nothing kept
     for path, layer in eng.lora_layers.items():
         assert layer.present[0] and layer.present[1]
