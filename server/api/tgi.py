@@ -22,8 +22,9 @@ from ..engine.sampling import TokenLogprob
 from ..errors import GenerationFailed, NotStreamable
 from ..generation import Result
 from ..pipeline import Job, route_dict
-from ..schemas import MAX_STOP, TGIParameters, TGIRequest
+from ..schemas import MAX_STOP
 from ..state import AppState
+from ..tgi_schemas import TGIParameters, TGIRequest
 from .disconnect import unless_disconnected
 
 router = APIRouter()
