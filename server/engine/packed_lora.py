@@ -19,6 +19,9 @@ copies of the slots' weights, stacked once per layout (lora_layers.stack_slots),
 slots' ranks. Measured on SmolLM2, prompts of 64 tokens, 8 adapters (r 8 and 16), base / mask / per-slot
 segments (the previous way) / per row, ms: 15 rows 703 / 832 / 767 / 727; 8 rows 428 / 498 / 521 / 467;
 3 rows 154 / 182 / 194 / 169.
+A term of few tokens on few ranks (``SMALL_TERM``: one stream's decode step, a short prompt's prefill on one adapter)
+runs as two float32 BLAS products on transposed copies instead, kept like the others: oneDNN's fixed cost per call
+outweighs such products.
 bf16 on CPU only; everything else keeps the plain path.
 """
 
@@ -41,6 +44,12 @@ PACK_AFTER = 8
 # Layouts whose copies are kept: the running decode batch's, and the few that prefills of new rows bring in
 # between its steps (with one, every prefill would throw the decode layout's packed copies away).
 KEPT_LAYOUTS = 3
+# A term this small (token rows x gathered rank columns) runs as two float32 BLAS products instead: oneDNN's calls
+# cost 20-40 us each however small the product. Measured per term, packed / float32, us: 1 row, r 16 on q/k/v
+# (48 columns) 40 / 14; 4 rows, 48 columns 63 / 40; 16 rows, 16 columns 42 / 26; 8 rows, 96 columns 64 / 59;
+# 32 rows, 48 columns 68 / 79; 16 rows, 288 columns (a decode step on 8 adapters) 146 / 317. So a single
+# stream's decode step and a short prompt's prefill on one adapter go this way, a mixed batch's step does not.
+SMALL_TERM = 512
 # Layouts whose per-row stacks (prefills on several adapters) are kept: a closed loop of waves prefills on
 # the same slots every wave. Each holds U x n x max rank x (in + Σ out) values in bf16: 44 MB for SmolLM2's
 # q/k/v/o over 8 slots of r 16, 177 MB of r 64. A miss rebuilds them: 23 ms over 8 slots of r 8/16 (the mask's
@@ -66,11 +75,20 @@ class PackedLoraTerm:
         self.outs = [layer.out_features for layer in layers]
         self._copies: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [A, B, forwards], LRU order
         self._stacks: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [At, Bt, forwards]: per-row form
+        self._small: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [Aᵀ, Bᵀ, forwards] in float32
 
     def _weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The gathered copies of the batch's slot layout."""
         b = self.batch
         return self._kept(self._copies, b.layout, KEPT_LAYOUTS, self._gather)
+
+    def _small_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gathered copies transposed, in float32: ``Aᵀ (in, n·S)``, ``Bᵀ (n·S, Σ out)`` (for ``SMALL_TERM``)."""
+        def gather() -> tuple[torch.Tensor, torch.Tensor]:
+            A, B = self._gather()
+            return A.float().T.contiguous(), B.float().T.contiguous()
+
+        return self._kept(self._small, self.batch.layout, KEPT_LAYOUTS, gather, pack=False)
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots one by one (``stack_slots``), for a prefill on several adapters."""
@@ -113,10 +131,15 @@ class PackedLoraTerm:
         if self.batch.per_row:  # x (N, T, in)
             At, Bt = self._stacked()
             return per_row_term(x, y.view(*lead, -1), At, Bt, self.batch, len(self.layers)).view(y.shape)
-        A, B = self._weights()
         T = x.shape[1] if x.dim() == 3 else 1
-        mask = self.batch.flat_mask(T, len(self.layers), x.dtype)  # (M, n·S)
         x2, y2 = x.reshape(-1, d), y.reshape(-1, y.shape[-1])
+        n = len(self.layers)
+        if x2.shape[0] * n * self.batch.total_rank <= SMALL_TERM:
+            At, Bt = self._small_weights()
+            h = torch.mm(x2.float(), At).mul_(self.batch.flat_mask(T, n, torch.float32))  # (M, n·S)
+            return torch.addmm(y2.float(), h, Bt).to(y.dtype).view(*lead, y.shape[-1])
+        A, B = self._weights()
+        mask = self.batch.flat_mask(T, n, x.dtype)  # (M, n·S)
         assert mask.shape[0] == x2.shape[0], f"mask rows {mask.shape[0]} vs tokens {x2.shape[0]}"
         h = _linear_then(x2, mask, A, "mul")  # (M, n·S)
         return _linear_then(h, y2, B, "add").view(*lead, y.shape[-1])

@@ -8,12 +8,15 @@ from torch import nn
 
 from server.engine.lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
 from base_model.packed_linear import packable
+from server.engine import packed_lora
 from server.engine.packed_lora import PACK_AFTER, FusedQKV, PackedLoraTerm
 
 pytestmark = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
                                 reason="this torch/CPU has no oneDNN bf16 packing")
 
 IN, OUTS, RANKS = 48, (48, 16, 16), {0: 4, 1: 8}
+# Every term of these tests on one path: oneDNN's packed calls, or float32 BLAS for small terms (SMALL_TERM).
+TERM_PATHS = pytest.mark.parametrize("small_term", [0, 10**9], ids=["onednn", "float32"])
 
 
 def _projections(batch: LoraBatch, seed: int = 0) -> list[SlotLoRALinear]:
@@ -54,8 +57,11 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
         assert err <= 0.02 * w.abs().max().item(), err
 
 
+@TERM_PATHS
 @pytest.mark.parametrize(("T", "per_row"), [(1, False), (5, False), (5, True)])
-def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool) -> None:
+def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool, small_term: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_lora, "SMALL_TERM", small_term)
     batch = LoraBatch()
     layers = _projections(batch)
     fused = FusedQKV(*layers)
@@ -73,8 +79,11 @@ def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool) -> None
         assert torch.allclose(got[2][0].float(), base_only[2][0], atol=0.05)  # v carries no update
 
 
+@TERM_PATHS
 @pytest.mark.parametrize("per_row", [False, True], ids=["masked", "per-row"])
-def test_packed_term_follows_rewritten_slots_and_new_layouts(per_row: bool) -> None:
+def test_packed_term_follows_rewritten_slots_and_new_layouts(per_row: bool, small_term: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_lora, "SMALL_TERM", small_term)
     batch = LoraBatch()
     layers = _projections(batch)
     fused = FusedQKV(*layers)
