@@ -4,7 +4,8 @@ Builds the engine's model as the server does (wrapped layers, packed on CPU in b
 (r 8 and 16, q/k/v/o, as in bench/throughput.py) into its slots, prefills --rows prompts of 64 tokens and times
 decode steps, alternating base-only and mixed batches (row i on adapter i mod 8) for --repeats rounds. Over HTTP
 one path's tok/s moves by 10-30% within minutes on this shared VM; steps timed a few milliseconds apart, in
-alternation, see the same machine.
+alternation, see the same machine. A third path runs the mixed batch with every LoRA term on oneDNN's packed calls
+(``SMALL_TERM = 0``), so ``--rows 1`` shows what the float32 path for small terms saves a single stream.
 
     python bench/decode_step.py [--rows 16] [--steps 24] [--repeats 6] [--threads 2] [--dtype auto]
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from adapters_store.kinds import load_adapter_dir  # noqa: E402
 from bench.throughput import ratio_of_medians  # noqa: E402
 from base_model.loader import DEFAULT_CACHE_DIR, embedded_model_dir, load_base_model, pick_device, pick_dtype  # noqa: E402
+from server.engine import packed_lora  # noqa: E402
 from server.engine.build import build_engine  # noqa: E402
 from server.engine.lora_layers import build_lora_batch  # noqa: E402
 from server.settings import Settings  # noqa: E402
@@ -73,15 +75,22 @@ def main() -> None:
         for i in range(8):
             path = make_peft_adapter(model_dir, Path(work) / f"ad{i}", r=8 if i % 2 else 16, seed=100 + i, std=0.01)
             engine.adapters.write(i, (f"ad{i}", 1), load_adapter_dir(path))
-        base, mixed = [], []
+        base, mixed, onednn = [], [], []
+        small = packed_lora.SMALL_TERM
         for r in range(args.repeats):
             base.append(step_ms(engine, [-1] * args.rows, prompts, args.steps))
             mixed.append(step_ms(engine, [i % 8 for i in range(args.rows)], prompts, args.steps))
-            print(f"round {r + 1}: base {base[-1]:.1f} ms, mixed {mixed[-1]:.1f} ms", flush=True)
+            packed_lora.SMALL_TERM = 0
+            onednn.append(step_ms(engine, [i % 8 for i in range(args.rows)], prompts, args.steps))
+            packed_lora.SMALL_TERM = small
+            print(f"round {r + 1}: base {base[-1]:.1f} ms, mixed {mixed[-1]:.1f} ms, mixed on oneDNN only "
+                  f"{onednn[-1]:.1f} ms", flush=True)
     print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} rows={args.rows} "
           f"(mixed: 8 adapters, r 8 and 16, q/k/v/o)")
     print(f"decode step, median of {args.repeats} rounds: base {statistics.median(base):.1f} ms, "
-          f"mixed {statistics.median(mixed):.1f} ms")
+          f"mixed {statistics.median(mixed):.1f} ms, mixed on oneDNN only {statistics.median(onednn):.1f} ms")
+    print(f"LoRA cost over base: {statistics.median(m - b for m, b in zip(mixed, base)):.1f} ms, on oneDNN only "
+          f"{statistics.median(o - b for o, b in zip(onednn, base)):.1f} ms (medians of per-round differences)")
     print(f"base/mixed step time = {ratio_of_medians(base, mixed)}: the decode share of (b)/(a) in "
           "bench/throughput.py")
 
