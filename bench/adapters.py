@@ -5,11 +5,11 @@
 2. Store -> slot load: mean of the engine's slot loads (``clora_adapter_load_seconds{tier="slot"}``, from the
    store through the CPU tier, measured in-process by the server) and of a cold load measured here directly.
 3. Many adapters: --many registered adapters (dropped into the store dir and adopted at start-up), Zipf(1.0)
-   traffic over them, 8 slots, 64 CPU-tier entries; throughput vs the same load spread over 8 adapters (medians
+   traffic over them, 8 slots (--slots), 64 CPU-tier entries; throughput vs the same load spread over 8 adapters (medians
    of --repeats rounds, each on prompts and a Zipf trace of its own), and the rows per decode step an idealised
-   engine could reach on those traces with 8 slots (``slot_bound``).
+   engine could reach on those traces with that many slots (``slot_bound``).
 
-Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--concurrency 16] [--repeats 3]
+Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--concurrency 16] [--repeats 3] [--slots 8]
 """
 
 from __future__ import annotations
@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--slots", type=int, default=8, help="compute slots (CLORA_MAX_LORAS); the issue's figure is at 8")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (8 adapters, Zipf), each on prompts and a Zipf trace of its own; medians reported")
     args = ap.parse_args()
@@ -174,7 +175,7 @@ def main() -> None:
     print(f"wrote {args.many} + {args.hot} adapters in {time.perf_counter() - t0:.1f} s")
 
     env = {"CLORA_ADAPTERS_DIR": str(store), "CLORA_MODEL_CACHE_DIR": str(cache), "CLORA_ROUTER": "hint",
-           "CLORA_ADMIN_TOKEN": TOKEN, "CLORA_MAX_LORAS": "8", "CLORA_MAX_CPU_LORAS": "64",
+           "CLORA_ADMIN_TOKEN": TOKEN, "CLORA_MAX_LORAS": str(args.slots), "CLORA_MAX_CPU_LORAS": "64",
            "CLORA_MAX_BATCH_SIZE": str(args.concurrency)}
     n = args.requests
     prompts = make_prompts(tok, n * args.repeats + 16)
@@ -218,9 +219,9 @@ def main() -> None:
           f"{med(zipf, 2):.0f} slot loads ({distinct:.0f} distinct adapters in {n} requests)")
     print(f"ratio Zipf/8-adapter = {ratio_of_medians([z[0] for z in zipf], [u[0] for u in uniform])}   "
           "(target >= 0.8)")
-    bound8 = statistics.median(slot_bound(z[3], 8, args.concurrency, args.new_tokens) for z in zipf)
+    bound8 = statistics.median(slot_bound(z[3], args.slots, args.concurrency, args.new_tokens) for z in zipf)
     bound_all = statistics.median(slot_bound(z[3], len(names), args.concurrency, args.new_tokens) for z in zipf)
-    print(f"bound on these traces, free loads and prefill: {bound8:.1f} rows per decode step with 8 slots, "
+    print(f"bound on these traces, free loads and prefill: {bound8:.1f} rows per decode step with {args.slots} slots, "
           f"{bound_all:.1f} with a slot for every adapter")
 
 
