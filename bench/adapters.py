@@ -15,7 +15,6 @@ Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--conc
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import json
 import os
 import shutil

@@ -12,7 +12,7 @@ output's dtype before the sum. Policy (which branches train, what the gates are)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
