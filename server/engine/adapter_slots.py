@@ -34,15 +34,6 @@ class AdapterSlots:
         self.table = SlotTable(max_loras)
         self._gates: dict[int, tuple[object, tuple[int, ...]]] = {}  # slot -> (gate, rank segments)
 
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def keys(self) -> list[AdapterKey]:
-        return self.table.keys()
-
-    def lookup(self, key: AdapterKey) -> int | None:
-        return self.table.lookup(key)
-
     def acquire(self, key: AdapterKey) -> int | None:
         """A slot holding ``key``, loading it into a free or least-recently-used idle slot; None when every slot
         is in use. Raises ``AdapterUnavailable`` when its weights cannot be read (no slot is touched then)."""

@@ -78,6 +78,7 @@ class Engine:
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.hooks = hooks
         self.adapters = AdapterSlots(lora_layers, weights_for, max_loras, self.runner.dtype, self._hook)
+        self.slots = self.adapters.table  # which version sits where; rows pin the slots they use
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._control: queue.SimpleQueue = queue.SimpleQueue()  # callables run between steps
@@ -177,7 +178,7 @@ class Engine:
             raise TimeoutError(f"the engine did not run the job within {timeout:.0f} s") from None
 
     def resident(self) -> list[AdapterKey]:
-        return self.adapters.keys()
+        return self.slots.keys()
 
     # ---- engine thread --------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -256,7 +257,7 @@ class Engine:
             if slot is None:
                 if not blocked_head:
                     blocked_head = True
-                    self.adapters.table.drain_one(exclude={r.slot for r in admitted})
+                    self.slots.drain_one(exclude={r.slot for r in admitted})
                 continue
             self._waiting.remove(req)
             self._dequeued()
@@ -267,7 +268,7 @@ class Engine:
     def _slot_for(self, req: GenerationRequest, allow_load: bool) -> int | None:
         if req.adapter is None:
             return -1
-        slot = self.adapters.lookup(req.adapter)
+        slot = self.slots.lookup(req.adapter)
         if slot is not None or not allow_load:
             return slot
         try:
@@ -282,13 +283,13 @@ class Engine:
         row = Row.admit(req, slot, self.tokenizer, self.eos_ids)
         self._hook("queue_wait", row.timings["queue_s"])
         if slot >= 0:
-            self.adapters.table.pin(slot)
+            self.slots.pin(slot)
             req.rank_weights = self.adapters.rank_weights(slot, lambda: self.runner.pooled_embedding(req.prompt_ids))
         return row
 
     def _set_lora_batch(self, rows: list[Row], per_row: bool = False) -> None:
         build_lora_batch(self.lora_batch, [r.slot for r in rows], [r.req.rank_weights for r in rows],
-                         self.adapters.table.ranks(), self.runner.device, self.lora_dtype, per_row)
+                         self.slots.ranks(), self.runner.device, self.lora_dtype, per_row)
 
     def _prefill(self, new: list[Row]) -> None:
         base = len(self._rows)
@@ -345,11 +346,11 @@ class Engine:
     def _unpin(self, row: Row) -> None:
         if row.pinned:
             row.pinned = False
-            self.adapters.table.unpin(row.slot)
+            self.slots.unpin(row.slot)
 
     def _report(self) -> None:
         self._hook("engine_state", len(self._rows), self._pending, len(self._rows))
-        self._hook("adapters_resident", "slot", len(self.adapters))
+        self._hook("adapters_resident", "slot", len(self.slots))
 
     def _hook(self, name: str, *args: object) -> None:
         if self.hooks is None:

@@ -84,11 +84,11 @@ class PackedLoraTerm:
 
     def _small_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The gathered copies transposed, in float32: ``Aᵀ (in, n·S)``, ``Bᵀ (n·S, Σ out)`` (for ``SMALL_TERM``)."""
-        def gather() -> tuple[torch.Tensor, torch.Tensor]:
-            A, B = self._gather()
-            return A.float().T.contiguous(), B.float().T.contiguous()
+        return self._kept(self._small, self.batch.layout, KEPT_LAYOUTS, self._gather_transposed, pack=False)
 
-        return self._kept(self._small, self.batch.layout, KEPT_LAYOUTS, gather, pack=False)
+    def _gather_transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
+        A, B = self._gather()
+        return A.float().T.contiguous(), B.float().T.contiguous()
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots one by one (``stack_slots``), for a prefill on several adapters."""

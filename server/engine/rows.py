@@ -21,7 +21,6 @@ class Row:
     end_ids: frozenset[int] = frozenset()  # tokens that end the row: EOS unless ignored, and stop_token_ids
     next_token: int = -1
     generated: int = 0
-    admitted: float = 0.0
     first_token_at: float = 0.0
     last_token_at: float = 0.0
     label: str = "__base__"
@@ -40,7 +39,7 @@ class Row:
         p, end_ids = req.params, req.params.end_ids(eos_ids)
         return cls(req, slot, RowSampler(p, req.prompt_ids, end_ids),
                    TextAssembler(tokenizer, p.stop, req.deltas, p.include_stop_str_in_output, p.min_tokens),
-                   length=len(req.prompt_ids), end_ids=end_ids, admitted=now,
+                   length=len(req.prompt_ids), end_ids=end_ids,
                    label=req.adapter[0] if req.adapter else "__base__", pinned=slot >= 0,
                    timings={"queue_s": now - req.arrived})
 
