@@ -5,11 +5,13 @@
 2. Store -> slot load: mean of the engine's slot loads (``clora_adapter_load_seconds{tier="slot"}``, from the
    store through the CPU tier, measured in-process by the server) and of a cold load measured here directly.
 3. Many adapters: --many registered adapters (dropped into the store dir and adopted at start-up), Zipf(1.0)
-   traffic over them, 8 slots (--slots), 64 CPU-tier entries; throughput vs the same load spread over 8 adapters (medians
-   of --repeats rounds, each on prompts and a Zipf trace of its own), and the rows per decode step an idealised
-   engine could reach on those traces with that many slots (``slot_bound``).
+   traffic over them, 8 slots (--slots) of rank 64 (--max-rank; the adapters are r 8 and 16, which share them by
+   rank), 64 CPU-tier entries; throughput vs the same load spread over 8 adapters (medians of --repeats rounds,
+   each on prompts and a Zipf trace of its own), and the rows per decode step an idealised engine could reach on
+   those traces with that much slot memory (``slot_bound``).
 
 Usage: python bench/adapters.py [--many 1000] [--hot 20] [--requests 64] [--concurrency 16] [--repeats 3] [--slots 8]
+       [--max-rank 64]
 """
 
 from __future__ import annotations
@@ -110,29 +112,37 @@ def slot_load_mean(srv: ServerProcess) -> float | None:
     return s / c if s and c else None
 
 
+def rank_of(i: int) -> int:
+    """The rank of the many-adapters run's adapter ``task{i:04d}``."""
+    return 8 if i % 2 else 16
+
+
 def zipf_choices(n: int, k: int, seed: int = 0) -> list[int]:
     rng = np.random.default_rng(seed)
     p = 1.0 / np.arange(1, n + 1)
     return rng.choice(n, size=k, p=p / p.sum()).tolist()
 
 
-def slot_bound(picks: list[int], slots: int, concurrency: int, new_tokens: int) -> float:
-    """Mean rows per decode step an idealised engine reaches on this trace when a step may hold at most ``slots``
-    distinct adapters (rows of others wait, as the engine's rows do): free prefill and slot loads, and a greedy
-    admission that fills every free row whose adapter has, or can take, a slot. The client keeps
-    ``concurrency`` requests open, each decoding ``new_tokens`` tokens."""
+def slot_bound(picks: list[int], rank: list[int], capacity: float, concurrency: int, new_tokens: int) -> float:
+    """Mean rows per decode step an idealised engine reaches on this trace when the adapters of a step may hold at
+    most ``capacity`` rank rows (adapter i has ``rank[i]``; rows of others wait, as the engine's rows do): free
+    prefill and slot loads, and a greedy admission that fills every free row whose adapter is in, or fits into,
+    the slots. The client keeps ``concurrency`` requests open, each decoding ``new_tokens`` tokens."""
     waiting, issued = list(range(min(concurrency, len(picks)))), min(concurrency, len(picks))
     running: list[list[int]] = []  # [adapter, tokens left]
     steps = rows = done = 0
     while done < len(picks):
         in_slots = {a for a, _ in running}
+        used = sum(rank[a] for a in in_slots)
         for req in list(waiting):
             if len(running) >= concurrency:
                 break
-            if picks[req] in in_slots or len(in_slots) < slots:
-                in_slots.add(picks[req])
+            a = picks[req]
+            if a in in_slots or used + rank[a] <= capacity:
+                used += 0 if a in in_slots else rank[a]
+                in_slots.add(a)
                 waiting.remove(req)
-                running.append([picks[req], new_tokens])
+                running.append([a, new_tokens])
         steps, rows = steps + 1, rows + len(running)
         for r in running:
             r[1] -= 1
@@ -152,6 +162,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--slots", type=int, default=8, help="compute slots (CLORA_MAX_LORAS); the issue's figure is at 8")
+    ap.add_argument("--max-rank", type=int, default=64, help="rank of a slot (CLORA_MAX_LORA_RANK)")
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of (8 adapters, Zipf), each on prompts and a Zipf trace of its own; medians reported")
     args = ap.parse_args()
@@ -168,13 +179,14 @@ def main() -> None:
     store = work / "store"
     t0 = time.perf_counter()
     for i in range(args.many):
-        write_adapter(store / f"task{i:04d}", cfg, r=8 if i % 2 else 16, seed=i, targets=("q_proj", "v_proj"))
+        write_adapter(store / f"task{i:04d}", cfg, r=rank_of(i), seed=i, targets=("q_proj", "v_proj"))
     hot_src = [write_adapter(work / "hot" / f"h{i}", cfg, r=16, seed=10_000 + i,
                              targets=("q_proj", "k_proj", "v_proj", "o_proj")) for i in range(args.hot)]
     print(f"wrote {args.many} + {args.hot} adapters in {time.perf_counter() - t0:.1f} s")
 
     env = {"CLORA_ADAPTERS_DIR": str(store), "CLORA_MODEL_CACHE_DIR": str(cache), "CLORA_ROUTER": "hint",
            "CLORA_ADMIN_TOKEN": TOKEN, "CLORA_MAX_LORAS": str(args.slots), "CLORA_MAX_CPU_LORAS": "64",
+           "CLORA_MAX_LORA_RANK": str(args.max_rank),
            "CLORA_MAX_BATCH_SIZE": str(args.concurrency)}
     n = args.requests
     prompts = make_prompts(tok, n * args.repeats + 16)
@@ -218,10 +230,12 @@ def main() -> None:
           f"{med(zipf, 2):.0f} slot loads ({distinct:.0f} distinct adapters in {n} requests)")
     print(f"ratio Zipf/8-adapter = {ratio_of_medians([z[0] for z in zipf], [u[0] for u in uniform])}   "
           "(target >= 0.8)")
-    bound8 = statistics.median(slot_bound(z[3], args.slots, args.concurrency, args.new_tokens) for z in zipf)
-    bound_all = statistics.median(slot_bound(z[3], len(names), args.concurrency, args.new_tokens) for z in zipf)
-    print(f"bound on these traces, free loads and prefill: {bound8:.1f} rows per decode step with {args.slots} slots, "
-          f"{bound_all:.1f} with a slot for every adapter")
+    ranks = [rank_of(int(name.removeprefix("task"))) for name in names]
+    bound = statistics.median(slot_bound(z[3], ranks, args.slots * args.max_rank, args.concurrency, args.new_tokens)
+                              for z in zipf)
+    bound_all = statistics.median(slot_bound(z[3], ranks, float("inf"), args.concurrency, args.new_tokens) for z in zipf)
+    print(f"bound on these traces, free loads and prefill: {bound:.1f} rows per decode step with {args.slots} slots of "
+          f"rank {args.max_rank}, {bound_all:.1f} with room for every adapter")
 
 
 if __name__ == "__main__":

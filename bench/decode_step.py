@@ -40,7 +40,7 @@ def step_ms(engine, slots: list[int], prompts: list[list[int]], steps: int) -> f
     """Median milliseconds of one decode step for rows on ``slots`` (-1: base model), after a prefill; the first
     quarter of the steps is left out (warm-up)."""
     runner = engine.runner
-    build_lora_batch(engine.lora_batch, slots, [None] * len(slots), engine.slots.ranks(), runner.device,
+    build_lora_batch(engine.lora_batch, slots, [None] * len(slots), engine.slots.rows(), runner.device,
                      engine.lora_dtype)
     runner.prefill(list(range(len(slots))), prompts)
     lens, tokens, times = [PROMPT_TOKENS] * len(slots), [5] * len(slots), []

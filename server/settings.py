@@ -79,7 +79,9 @@ class Settings(BaseSettings):
     max_model_len: int | None = Field(2048, ge=16, description="Context cap (prompt + new tokens); None = model max.")
     adapters_dir: Path = Field(Path("adapters"), description="Local adapter store directory.")
     max_batch_size: int = Field(16, ge=1, le=512, description="Rows decoded together.")
-    max_loras: int = Field(8, ge=1, le=256, description="Compute slots for adapters (GPU/engine tier).")
+    max_loras: int = Field(8, ge=1, le=256, description=(
+        "Compute slots for adapters (GPU/engine tier), each of CLORA_MAX_LORA_RANK; adapters of smaller rank share "
+        "them by rank (8 slots of rank 64 hold 32 adapters of rank 16)."))
     max_cpu_loras: int = Field(64, ge=1, description="Adapters kept decoded in host memory (CPU tier).")
     max_lora_rank: int = Field(64, ge=1, le=1024, description="Largest rank a slot holds.")
     max_queue: int = Field(256, ge=1, description="Waiting requests before 503 + Retry-After.")

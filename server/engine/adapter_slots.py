@@ -26,52 +26,65 @@ class AdapterUnavailable(RuntimeError):
 
 
 class AdapterSlots:
-    """Compute slots ``0..max_loras-1`` of every wrapped layer, and the gates of gated adapters in them."""
+    """The compute slots of every wrapped layer (a pool of ``capacity`` rank rows), and the gates of gated
+    adapters in them."""
 
     def __init__(self, lora_layers: dict[str, SlotLoRALinear], weights_for: Callable[[AdapterKey], AdapterWeights],
-                 max_loras: int, dtype: torch.dtype, hook: Callable[..., None]) -> None:
+                 capacity: int, dtype: torch.dtype, hook: Callable[..., None]) -> None:
         self.layers, self.weights_for, self.dtype, self._hook = lora_layers, weights_for, dtype, hook
-        self.table = SlotTable(max_loras)
+        self.table = SlotTable(capacity)
         self._gates: dict[int, tuple[object, tuple[int, ...]]] = {}  # slot -> (gate, rank segments)
 
     def acquire(self, key: AdapterKey) -> int | None:
-        """A slot holding ``key``, loading it into a free or least-recently-used idle slot; None when every slot
-        is in use. Raises ``AdapterUnavailable`` when its weights cannot be read (no slot is touched then)."""
+        """A slot holding ``key``, loading it into free rows or those of least-recently-used idle slots; None when
+        they would not make room. Raises ``AdapterUnavailable`` when its weights cannot be read (no slot is
+        touched then)."""
         free = self.table.draining_free()
         if free is not None:
             self.clear(free)
-        target = self.table.free_or_victim()
-        if target is None:
+        slot = self._resident(key)
+        if slot is not None:
+            return slot
+        if self.table.room_for(1) is None:  # every row is in use: nothing to read yet
             return None
         t0 = time.perf_counter()
         try:
             weights = self.weights_for(key)  # load and validate first ...
         except Exception as e:
             raise AdapterUnavailable(str(e)) from e
-        return self._load_into(target, key, weights, t0)
+        return self._load(key, weights, t0)
 
-    def _load_into(self, target: tuple[int, AdapterKey | None], key: AdapterKey, weights: AdapterWeights,
-                   t0: float) -> int:
-        """... evict the slot's occupant, if any (second: the weights are loaded), and write ``key`` there."""
-        slot, victim = target
-        if victim is not None:
-            self.clear(slot)
+    def _resident(self, key: AdapterKey) -> int | None:
+        """The slot of ``key``, taken out of draining if it drains (a request wants that very version again)."""
+        slot = self.table.lookup(key)
+        return slot if slot is not None else self.table.undrain(key)
+
+    def _load(self, key: AdapterKey, weights: AdapterWeights, t0: float) -> int | None:
+        """... evict what must go to make room, if anything (second: the weights are loaded), and write ``key``;
+        None when there is no room."""
+        victims = self.table.room_for(weights.rank)
+        if victims is None:
+            return None
+        for victim in victims:
+            self.clear(victim)
             self._hook("adapter_evicted", "slot")
-        self.write(slot, key, weights)
+        slot = self.write(key, weights)
         self._hook("adapter_loaded", key[0], "slot", time.perf_counter() - t0)
         return slot
 
-    def write(self, slot: int, key: AdapterKey, w: AdapterWeights) -> None:
+    def write(self, key: AdapterKey, w: AdapterWeights) -> int:
+        """Put ``key`` into free rows of every wrapped layer (``room_for`` made them free); returns its slot."""
+        slot = self.table.assign(key, w.rank)
+        rows = self.table.rows_of(slot)
         for path, A, Bs in w.each_slot_form(self.dtype):  # a just-registered version converts here
-            self.layers[path].write_slot(slot, A, Bs)
-        self.table.assign(slot, key, w.rank)
+            self.layers[path].write_slot(slot, rows[:A.shape[0]], A, Bs)
         if w.gate is not None:
             self._gates[slot] = (w.gate, w.segments)
+        return slot
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
-            if layer.present[slot]:
-                layer.clear_slot(slot)
+            layer.clear_slot(slot)
         self._gates.pop(slot, None)
         self.table.release(slot)
 
@@ -82,32 +95,28 @@ class AdapterSlots:
                 self.clear(slot)
 
     def hold(self, key: AdapterKey, held: bool) -> None:
-        """Operator pin: load ``key`` now and keep it (``held=False`` releases it); ``NoSlotFree`` when every
-        slot is in use or pinned."""
-        slot = self.table.lookup(key)
+        """Operator pin: load ``key`` now and keep it (``held=False`` releases it); ``NoSlotFree`` when the slots'
+        rows are all in use or pinned."""
+        slot = self._resident(key)
         if slot is None and held:
-            target = self.table.free_or_victim()
-            if target is None:
-                raise NoSlotFree(f"all {self.table.num_slots} compute slots are in use or pinned; unpin one, "
-                                 "or raise CLORA_MAX_LORAS")
-            slot = self._load_into(target, key, self.weights_for(key), time.perf_counter())
+            slot = self._load(key, self.weights_for(key), time.perf_counter())
+            if slot is None:
+                raise NoSlotFree(f"the {self.table.capacity} rank rows of the compute slots are in use or pinned; "
+                                 "unpin an adapter, or raise CLORA_MAX_LORAS")
         if slot is not None:
             self.table.hold(slot, held)
 
     def stage(self, key: AdapterKey) -> None:
-        """Load ``key`` into a free or idle slot (no rows, no operator pin) when it is not in one; a version that
-        cannot be read is left for its first request to report."""
-        if self.table.lookup(key) is not None:
-            return
-        target = self.table.free_or_victim()
-        if target is None:
+        """Load ``key`` into free or idle rows (no running rows, no operator pin) when it is not resident; a version
+        that cannot be read is left for its first request to report."""
+        if self._resident(key) is not None or self.table.room_for(1) is None:
             return
         try:
             weights = self.weights_for(key)
         except Exception:  # unregistered meanwhile, or unreadable: its first request will say so
             log.debug("not staging %s", key, exc_info=True)
             return
-        self._load_into(target, key, weights, time.perf_counter())
+        self._load(key, weights, time.perf_counter())
 
     def rank_weights(self, slot: int, pooled: Callable[[], torch.Tensor]) -> torch.Tensor | None:
         """``(rank,)`` per-rank weights of a gated adapter's row (its gate on the prompt's pooled embedding, each

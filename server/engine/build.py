@@ -29,13 +29,14 @@ def build_engine(
     max_model_len: int | None,
     hooks: EngineHooks | None = None,
 ) -> Engine:
-    batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank,
+    pool_rows = cfg.max_loras * cfg.max_lora_rank  # the slots' rank rows: smaller ranks share them (slots.py)
+    batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, pool_rows,
                                      lora_dtype(loaded.device, loaded.dtype))
     if cfg.pack_weights:
         packed, fused = pack_for_cpu(loaded.model, layers)  # the base linears inside the LoRA wrappers too
         log.info("packed %d base linear layers for oneDNN; %d attentions with fused q/k/v", packed, fused)
     return Engine(
         loaded.model, loaded.tokenizer, batch, layers, weights_for,
-        max_batch_size=cfg.max_batch_size, max_loras=cfg.max_loras, max_queue=cfg.max_queue,
+        max_batch_size=cfg.max_batch_size, pool_rows=pool_rows, max_queue=cfg.max_queue,
         max_model_len=context_length(loaded, max_model_len), prefill_chunk=cfg.prefill_chunk, hooks=hooks,
     )

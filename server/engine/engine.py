@@ -64,7 +64,7 @@ class Engine:
         weights_for: Callable[[AdapterKey], AdapterWeights],
         *,
         max_batch_size: int,
-        max_loras: int,
+        pool_rows: int,
         max_queue: int,
         max_model_len: int,
         prefill_chunk: int = 4,
@@ -77,7 +77,7 @@ class Engine:
         self.lora_dtype = first.compute_dtype if first is not None else self.runner.dtype
         self.max_batch_size, self.max_queue, self.prefill_chunk = max_batch_size, max_queue, prefill_chunk
         self.hooks = hooks
-        self.adapters = AdapterSlots(lora_layers, weights_for, max_loras, self.runner.dtype, self._hook)
+        self.adapters = AdapterSlots(lora_layers, weights_for, pool_rows, self.runner.dtype, self._hook)
         self.slots = self.adapters.table  # which version sits where; rows pin the slots they use
         self.eos_ids = self._eos_ids(model, tokenizer)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -289,7 +289,7 @@ class Engine:
 
     def _set_lora_batch(self, rows: list[Row], per_row: bool = False) -> None:
         build_lora_batch(self.lora_batch, [r.slot for r in rows], [r.req.rank_weights for r in rows],
-                         self.slots.ranks(), self.runner.device, self.lora_dtype, per_row)
+                         self.slots.rows(), self.runner.device, self.lora_dtype, per_row)
 
     def _prefill(self, new: list[Row]) -> None:
         base = len(self._rows)

@@ -1,8 +1,9 @@
 """Batched multi-adapter LoRA: one wrapped linear layer serves every row of a mixed batch in one pass.
 
-Mechanism only: layers know compute slots, nothing about adapter names. Slot ``s`` holds, for this module,
-``A[s] (R_max, in)`` and ``Bs[s] (R_max, out)`` where ``Bs = scale · Bᵀ`` (the LoRA scale is folded in) and
-unused rank rows are zero, so adapters of different ranks share one buffer.
+Mechanism only: layers know compute slots, nothing about adapter names. The slots share one pool of rank rows
+per module, ``A (P + 1, in)`` and ``Bs (P + 1, out)`` where ``Bs = scale · Bᵀ`` (the LoRA scale is folded in);
+slot ``s`` of rank r holds r of its rows, wherever the slot table (slots.py) put them, and every row no slot
+holds is zero (so is the pool's last row, always: the padding row of ``stack_slots``).
 
 For a batch, ``LoraBatch`` lists the distinct slots in use (``U`` of them, slot u of rank r_u) and a per-row
 mask ``(N, Σ r_u)`` that is 1 on the row's own slot's columns (times a per-rank weight: the gate of a GainLoRA
@@ -18,7 +19,7 @@ which is exact per row (the masked-out products are exact zeros) and costs no Py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,8 +31,8 @@ from adapters_store.weights import LoraPair
 class LoraBatch:
     """Per-forward routing shared by every wrapped layer. Built once per engine step.
 
-    ``uniq_list``: the U slot indices in use; ``spans[u]``: ``(first column, rank)`` of slot ``uniq_list[u]`` in
-    the gathered rank space; ``mask``: (N, 1, Σ rank) row mask.
+    ``uniq_list``: the U slots in use; ``spans[u]``: ``(first column, rank)`` of slot ``uniq_list[u]`` in the
+    gathered rank space; ``slot_rows[u]``: its rows in the layers' pools; ``mask``: (N, 1, Σ rank) row mask.
     ``per_row``: the term runs row by row instead (BGMV-style: every row multiplied by its own slot's weights
     only, as batched matmuls over per-row copies of them; ``row_pos[i]`` is row i's index into ``uniq_list``,
     -1 for the base model): U times fewer flops than the mask for U slots, for a few more ops (prefill).
@@ -40,35 +41,41 @@ class LoraBatch:
     mask: torch.Tensor | None = None
     uniq_list: list[int] = field(default_factory=list)
     spans: list[tuple[int, int]] = field(default_factory=list)
+    slot_rows: list[Sequence[int]] = field(default_factory=list)
     per_row: bool = False
     row_pos: list[int] = field(default_factory=list)
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
     _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # this step's masks, row indices and weights
-    _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # rank_rows of this layout
+    _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # pool row indices of this layout
 
     @property
     def active(self) -> bool:
         return bool(self.uniq_list)
 
     def clear(self) -> None:
-        self.mask, self.uniq_list, self.spans, self.per_row, self.row_pos, self.layout = None, [], [], False, [], ()
+        self.mask, self.uniq_list, self.spans, self.slot_rows, self.per_row = None, [], [], [], False
+        self.row_pos, self.layout = [], ()
         self._flat, self._rows = {}, {}
 
     def rank_rows(self, buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The rank rows of the batch's slots, side by side, from a layer's slot buffer ``buf (slots, R, f)``:
-        ``(Σ rank, f)``, written into ``out`` when given. One slot is a slice; several are one ``index_select``
-        (the row indices are built once per layout), whatever their number."""
-        R, f = buf.shape[1], buf.shape[2]
-        if len(self.uniq_list) == 1:
-            rows = buf[self.uniq_list[0], :self.spans[0][1]]
-            return rows if out is None else out.copy_(rows)
-        key = (R, buf.device)
+        """The rank rows of the batch's slots, side by side, from a layer's pool ``buf (P + 1, f)``: ``(Σ rank, f)``,
+        written into ``out`` when given. One ``index_select`` (the row indices are built once per layout)."""
+        idx = self._index("rows", buf.device, lambda: [r for rows in self.slot_rows for r in rows])
+        return buf.index_select(0, idx) if out is None else torch.index_select(buf, 0, idx, out=out)
+
+    def stacked_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        """``(U, R, f)``: each slot's rows of ``buf``, padded to the batch's largest rank R with the pool's last
+        row (zero): the per-row form of ``stack_slots``."""
+        R = self.max_rank
+        idx = self._index("stacked", buf.device, lambda: [r for rows in self.slot_rows
+                                                          for r in [*rows, *[-1] * (R - len(rows))]])
+        return buf[idx].view(len(self.slot_rows), R, buf.shape[1])  # -1: the last row
+
+    def _index(self, kind: str, device: torch.device, rows: Callable[[], list[int]]) -> torch.Tensor:
+        key = (kind, device)
         if key not in self._rows:
-            self._rows[key] = torch.tensor([s * R + i for s, (_, r) in zip(self.uniq_list, self.spans)
-                                            for i in range(r)], dtype=torch.long, device=buf.device)
-        flat = buf.view(-1, f)  # (slots · R, f)
-        return flat.index_select(0, self._rows[key]) if out is None else torch.index_select(
-            flat, 0, self._rows[key], out=out)
+            self._rows[key] = torch.tensor(rows(), dtype=torch.long, device=device)
+        return self._rows[key]
 
     @property
     def total_rank(self) -> int:
@@ -116,12 +123,13 @@ def build_lora_batch(
     batch: LoraBatch,
     row_slots: list[int],
     row_rank_weights: list[torch.Tensor | None],
-    slot_ranks: dict[int, int],
+    slot_rows: Mapping[int, Sequence[int]],
     device: torch.device,
     dtype: torch.dtype,
     per_row: bool = False,
 ) -> None:
-    """Fill ``batch`` for rows whose slots are ``row_slots`` (-1 = base model, no adapter).
+    """Fill ``batch`` for rows whose slots are ``row_slots`` (-1 = base model, no adapter); ``slot_rows[s]`` are
+    slot s's rows in the layers' pools (one per rank).
 
     ``row_rank_weights[i]`` is an optional (rank,) weight per rank of row i's adapter (gates); None means ones.
     ``per_row`` asks for the row-by-row term (see ``LoraBatch``).
@@ -132,8 +140,8 @@ def build_lora_batch(
         return
     spans, start = [], 0
     for s in uniq_list:
-        spans.append((start, slot_ranks[s]))
-        start += slot_ranks[s]
+        spans.append((start, len(slot_rows[s])))
+        start += len(slot_rows[s])
     pos = {s: i for i, s in enumerate(uniq_list)}
     mask = torch.zeros(len(row_slots), start, dtype=torch.float32)
     for i, (s, w) in enumerate(zip(row_slots, row_rank_weights)):
@@ -150,6 +158,7 @@ def build_lora_batch(
     batch._flat = {}
     batch.uniq_list = uniq_list
     batch.spans = spans
+    batch.slot_rows = [slot_rows[s] for s in uniq_list]
     batch.layout = (tuple(uniq_list), tuple(spans))
     batch.per_row = per_row
     batch.row_pos = [pos.get(s, -1) for s in row_slots]
@@ -159,15 +168,14 @@ def stack_slots(layers: list[SlotLoRALinear], b: LoraBatch, dtype: torch.dtype) 
     """The batch's slots of ``layers`` (all reading one input) one by one, for ``per_row_term``:
     ``At (U, in, n·R)``, layer j's ``A_sᵀ`` in columns ``j·R : (j + 1)·R``, and ``Bt (U, n·R, Σ out)``, block
     diagonal, layer j's ``Bs_s`` in those rows and its own output columns (R: the batch's largest rank; a slot's
-    rows past its own rank are zero in its buffer). Two copies per layer, whatever the number of slots."""
+    rows past its own rank are zero). Two copies per layer, whatever the number of slots."""
     R, first = b.max_rank, layers[0]
-    idx = torch.tensor(b.uniq_list, dtype=torch.long, device=first.A.device)
-    At = torch.cat([layer.A[:, :R].index_select(0, idx).transpose(1, 2) for layer in layers], dim=2).to(dtype)
+    At = torch.cat([b.stacked_rows(layer.A).transpose(1, 2) for layer in layers], dim=2).to(dtype)
     Bt = torch.zeros(len(b.uniq_list), len(layers) * R, sum(x.out_features for x in layers), dtype=dtype,
                      device=first.A.device)
     col = 0
     for j, layer in enumerate(layers):
-        Bt[:, j * R: (j + 1) * R, col: col + layer.out_features] = layer.Bs[:, :R].index_select(0, idx)
+        Bt[:, j * R: (j + 1) * R, col: col + layer.out_features] = b.stacked_rows(layer.Bs)
         col += layer.out_features
     return At, Bt
 
@@ -183,11 +191,10 @@ def per_row_term(x: torch.Tensor, y: torch.Tensor, At: torch.Tensor, Bt: torch.T
 
 
 class SlotLoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus ``num_slots`` LoRA slots of rank up to ``max_rank``."""
+    """A frozen ``nn.Linear`` plus a pool of ``pool_rows`` LoRA rank rows, which the compute slots share."""
 
-    def __init__(self, base: nn.Linear, num_slots: int, max_rank: int, batch: LoraBatch,
-                 dtype: torch.dtype | None = None) -> None:
-        """Slots are stored in the base weight's dtype; ``dtype`` is the one the LoRA term is computed in (default:
+    def __init__(self, base: nn.Linear, pool_rows: int, batch: LoraBatch, dtype: torch.dtype | None = None) -> None:
+        """The pool is stored in the base weight's dtype; ``dtype`` is the one the LoRA term is computed in (default:
         the same; see ``lora_dtype``)."""
         super().__init__()
         self.base = base
@@ -195,10 +202,10 @@ class SlotLoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight
         self.compute_dtype = dtype or w.dtype
-        self.register_buffer("A", torch.zeros(num_slots, max_rank, self.in_features, dtype=w.dtype, device=w.device))
-        self.register_buffer("Bs", torch.zeros(num_slots, max_rank, self.out_features, dtype=w.dtype, device=w.device))
-        self.present = [False] * num_slots  # slot holds a non-empty update for this module
-        self._ranks = [0] * num_slots  # rank rows of each slot that may be non-zero
+        # one more row than the slots can take: always zero (padding)
+        self.register_buffer("A", torch.zeros(pool_rows + 1, self.in_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("Bs", torch.zeros(pool_rows + 1, self.out_features, dtype=w.dtype, device=w.device))
+        self.present: dict[int, torch.Tensor] = {}  # slot -> its rows this module's update is written in
         self._version = 0  # bumped on every slot write: invalidates the copies below
         self._copies: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> (key, weights)
         self.packed_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # see packed_lora.py
@@ -207,33 +214,32 @@ class SlotLoRALinear(nn.Module):
     def weight(self) -> torch.Tensor:  # some HF code peeks at .weight (dtype/device)
         return self.base.weight
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Write ``ΔW = scale · B @ A`` (A (r, in), B (out, r)) into ``slot``."""
-        self.write_slot(slot, *LoraPair(A, B, scale).slot_form(self.A.dtype))
+    def set_slot(self, slot: int, rows: Sequence[int], A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Write ``ΔW = scale · B @ A`` (A (r, in), B (out, r)) into ``slot``, at pool ``rows``."""
+        self.write_slot(slot, rows, *LoraPair(A, B, scale).slot_form(self.A.dtype))
 
-    def write_slot(self, slot: int, A: torch.Tensor, Bs: torch.Tensor) -> None:
-        """Store ``A (r, in)`` and ``Bs = scale · Bᵀ (r, out)`` in ``slot``; rank rows a previous occupant used
-        beyond ``r`` are zeroed (the rest of the buffer is zero already)."""
+    def write_slot(self, slot: int, rows: Sequence[int], A: torch.Tensor, Bs: torch.Tensor) -> None:
+        """Store ``A (r, in)`` and ``Bs = scale · Bᵀ (r, out)`` in ``slot``'s pool ``rows`` (r free rows, which are
+        zero)."""
         r = A.shape[0]
         assert A.shape == (r, self.in_features), f"A {tuple(A.shape)} vs in {self.in_features}"
         assert Bs.shape == (r, self.out_features), f"Bs {tuple(Bs.shape)} vs out {self.out_features}"
-        assert r <= self.A.shape[1], f"rank {r} > slot rank {self.A.shape[1]}"
-        self.A[slot, :r].copy_(A)
-        self.Bs[slot, :r].copy_(Bs)
-        stale = self._ranks[slot]
-        if stale > r:
-            self.A[slot, r:stale].zero_()
-            self.Bs[slot, r:stale].zero_()
-        self._ranks[slot] = r
-        self.present[slot] = True
+        assert len(rows) == r, f"{len(rows)} rows for rank {r}"
+        self.clear_slot(slot)  # a rewrite: its old rows go back to zero first
+        idx = torch.tensor(rows, dtype=torch.long, device=self.A.device)
+        assert int(idx.max()) < self.A.shape[0] - 1, "the pool's last row stays zero"
+        self.A.index_copy_(0, idx, A.to(self.A.dtype))
+        self.Bs.index_copy_(0, idx, Bs.to(self.Bs.dtype))
+        self.present[slot] = idx
         self._version += 1
 
     def clear_slot(self, slot: int) -> None:
-        stale = self._ranks[slot]
-        self.A[slot, :stale].zero_()
-        self.Bs[slot, :stale].zero_()
-        self._ranks[slot] = 0
-        self.present[slot] = False
+        """Zero ``slot``'s rows (a no-op when this module holds nothing of it)."""
+        idx = self.present.pop(slot, None)
+        if idx is None:
+            return
+        self.A.index_fill_(0, idx, 0)
+        self.Bs.index_fill_(0, idx, 0)
         self._version += 1
 
     def gather(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,7 +262,7 @@ class SlotLoRALinear(nn.Module):
 
     def active(self) -> bool:
         """Some slot of the current batch holds an update for this layer."""
-        return any(self.present[s] for s in self.batch.uniq_list)
+        return any(s in self.present for s in self.batch.uniq_list)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)  # (N, T, out)
@@ -282,8 +288,7 @@ def lora_dtype(device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
 
 
 def wrap_lora_layers(
-    model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int,
-    dtype: torch.dtype | None = None,
+    model: nn.Module, target_modules: tuple[str, ...], pool_rows: int, dtype: torch.dtype | None = None,
 ) -> tuple[LoraBatch, dict[str, SlotLoRALinear]]:
     """Replace every ``nn.Linear`` named in ``target_modules`` (last name component) inside the decoder layers.
 
@@ -296,7 +301,7 @@ def wrap_lora_layers(
         for child_name, child in list(module.named_children()):
             full = f"{path}.{child_name}" if path else child_name
             if child_name in targets and isinstance(child, nn.Linear) and ".layers." in f".{full}":
-                layer = SlotLoRALinear(child, num_slots, max_rank, batch, dtype)
+                layer = SlotLoRALinear(child, pool_rows, batch, dtype)
                 setattr(module, child_name, layer)
                 wrapped[full] = layer
     return batch, wrapped

@@ -1,14 +1,22 @@
-"""Which adapter version sits in which compute slot. Policy only; the layers do the copying.
+"""Which adapter version sits where in the compute slots' memory. Policy only; the layers do the copying.
+
+The slots are one pool of rank rows: ``max_loras × max_lora_rank`` of them in every wrapped layer. An adapter
+of rank r takes r rows, any r (S-LoRA's unified paging, one row a page), so the pool always holds ``max_loras``
+adapters of the largest rank and more of smaller ones: 8 slots of rank 64 hold 32 adapters of rank 16, and a
+decode step can mix that many. A resident version is named by a *slot* id, never reused, so anything keyed
+on slot ids (a batch's gathered copies) cannot mistake a later occupant of the same rows for an earlier one.
 
 Slots are pinned by the rows that use them (a pin count), so an adapter in use by a running batch is never
 evicted under it. Unpinned slots are evicted least-recently-used first. A slot can be put in *draining* state:
-no new rows may take it, so it frees up for a request that has waited for a slot the longest.
+no new rows may take it, so it frees up for a request that has waited for room the longest.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import count
 
 AdapterKey = tuple[str, int]  # (name, version)
 
@@ -20,17 +28,19 @@ class NoSlotFree(RuntimeError):
 @dataclass
 class SlotInfo:
     key: AdapterKey
-    rank: int
+    rows: list[int]  # the pool rows it holds, one per rank
     pins: int = 0
     draining: bool = False
     held: bool = False  # pinned by an operator: never evicted until unpinned
 
 
 class SlotTable:
-    """Maps adapter versions to slot indices ``0..num_slots-1``."""
+    """Maps adapter versions to slot ids, and each slot to its rows of a pool of ``capacity`` rank rows."""
 
-    def __init__(self, num_slots: int) -> None:
-        self.num_slots = num_slots
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._free = list(range(capacity))  # sorted: an adapter takes the lowest free rows
+        self._ids = count()
         self._by_key: dict[AdapterKey, int] = {}
         self._info: dict[int, SlotInfo] = {}
         self._lru: OrderedDict[int, None] = OrderedDict()  # slot -> None, least recent first
@@ -44,43 +54,58 @@ class SlotTable:
             return None
         return slot
 
-    def rank(self, slot: int) -> int:
-        return self._info[slot].rank
+    def undrain(self, key: AdapterKey) -> int | None:
+        """The slot of ``key`` taken out of draining (a request wants that very version again), if it drains."""
+        slot = self._by_key.get(key)
+        if slot is None or not self._info[slot].draining:
+            return None
+        self._info[slot].draining = False
+        return slot
 
-    def ranks(self) -> dict[int, int]:
-        return {s: i.rank for s, i in self._info.items()}
+    def rows(self) -> dict[int, list[int]]:
+        """Every resident slot's pool rows."""
+        return {s: i.rows for s, i in self._info.items()}
+
+    def rows_of(self, slot: int) -> list[int]:
+        return self._info[slot].rows
 
     def keys(self) -> list[AdapterKey]:
         return list(self._by_key)
 
-    def free_or_victim(self) -> tuple[int, AdapterKey | None] | None:
-        """A slot a new adapter can take now: a free one, else the LRU unpinned one (with the key it evicts)."""
-        for s in range(self.num_slots):
-            if s not in self._info:
-                return s, None
+    def room_for(self, rank: int) -> list[int] | None:
+        """The slots to evict (least recently used first; none when enough rows are free) so that an adapter of
+        ``rank`` fits; None when even evicting every idle slot would not make room. Changes nothing."""
+        need, victims = rank - len(self._free), []
         for s in self._lru:
-            if self._info[s].pins == 0 and not self._info[s].held:
-                return s, self._info[s].key
-        return None
+            if need <= 0:
+                break
+            info = self._info[s]
+            if info.pins == 0 and not info.held:
+                victims.append(s)
+                need -= len(info.rows)
+        return victims if need <= 0 else None
 
     def hold(self, slot: int, held: bool) -> None:
         self._info[slot].held = held
 
-    def assign(self, slot: int, key: AdapterKey, rank: int) -> None:
-        old = self._info.get(slot)
-        assert old is None or old.pins == 0, "cannot reassign a pinned slot"
-        if old is not None:
-            del self._by_key[old.key]
-        self._info[slot] = SlotInfo(key, rank)
+    def assign(self, key: AdapterKey, rank: int) -> int:
+        """Give ``key`` the lowest ``rank`` free rows under a new slot id (``room_for`` said they are free)."""
+        assert 0 < rank <= len(self._free), f"rank {rank}, {len(self._free)} rows free"
+        assert key not in self._by_key, f"{key} is resident already"
+        rows, self._free = self._free[:rank], self._free[rank:]
+        slot = next(self._ids)
+        self._info[slot] = SlotInfo(key, rows)
         self._by_key[key] = slot
         self._lru[slot] = None
-        self._lru.move_to_end(slot)
+        return slot
 
     def release(self, slot: int) -> AdapterKey:
         info = self._info.pop(slot)
         assert info.pins == 0, "cannot release a pinned slot"
         del self._by_key[info.key]
         self._lru.pop(slot, None)
+        for r in info.rows:
+            bisect.insort(self._free, r)
         return info.key
 
     def pin(self, slot: int) -> None:

@@ -23,3 +23,9 @@ def make_peft_adapter(base_dir: Path, out: Path, r: int, seed: int,
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def fixed_rows(ranks: dict[int, int], width: int) -> dict[int, list[int]]:
+    """Pool rows for slots of the given ranks, slot s from row ``s · width`` on (what the slot table would give
+    slots of rank up to ``width`` placed in order)."""
+    return {s: list(range(s * width, s * width + r)) for s, r in ranks.items()}

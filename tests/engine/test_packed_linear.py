@@ -15,7 +15,7 @@ from base_model.packed_linear import PackedLinear, pack_linear, pack_model_linea
 from server.engine.packed_lora import pack_for_cpu
 from server.settings import DEFAULT_TARGET_MODULES
 
-from .peft_helpers import make_peft_adapter
+from .peft_helpers import fixed_rows, make_peft_adapter
 
 needs_packing = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
                                    reason="this torch/CPU has no oneDNN bf16 packing")
@@ -68,7 +68,7 @@ def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path:
     outs = []
     for pack in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
-        batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, num_slots=2, max_rank=8)
+        batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, pool_rows=2 * 8)
         if pack:
             n_layers = model.config.num_hidden_layers
             assert pack_for_cpu(model, layers) == (len(layers) + 1, n_layers)  # + lm_head; q/k/v fused per layer
@@ -78,10 +78,10 @@ def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path:
         for slot, d in enumerate(adapters):
             w = load_adapter_dir(d)
             for path, pair in w.modules.items():
-                layers[path].set_slot(slot, pair.A, pair.B, pair.scale)
+                layers[path].set_slot(slot, fixed_rows({slot: pair.A.shape[0]}, 8)[slot], pair.A, pair.B, pair.scale)
             ranks[slot] = w.rank
         runner = ModelRunner(model, max_rows=3, max_len=64)
-        build_lora_batch(batch, [0, -1, 1], [None] * 3, ranks, runner.device, runner.dtype)
+        build_lora_batch(batch, [0, -1, 1], [None] * 3, fixed_rows(ranks, 8), runner.device, runner.dtype)
         first = runner.prefill([0, 1, 2], prompts)
         nxt = [int(r.argmax()) for r in first]
         second = runner.decode(nxt, [len(p) for p in prompts])

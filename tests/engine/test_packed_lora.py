@@ -14,7 +14,9 @@ from server.engine.packed_lora import PACK_AFTER, FusedQKV, PackedLoraTerm
 pytestmark = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
                                 reason="this torch/CPU has no oneDNN bf16 packing")
 
-IN, OUTS, RANKS = 48, (48, 16, 16), {0: 4, 1: 8}
+IN, OUTS = 48, (48, 16, 16)
+ROWS = {0: [9, 3, 4, 12], 1: list(range(5, 9)) + [0, 1, 2, 15]}  # slots' pool rows, scattered as after evictions
+RANKS = {s: len(rows) for s, rows in ROWS.items()}
 # Every term of these tests on one path: oneDNN's packed calls, or float32 BLAS for small terms (SMALL_TERM).
 TERM_PATHS = pytest.mark.parametrize("small_term", [0, 10**9], ids=["onednn", "float32"])
 
@@ -27,7 +29,7 @@ def _projections(batch: LoraBatch, seed: int = 0) -> list[SlotLoRALinear]:
         lin.weight.data = (torch.randn(out, IN, generator=g) * 0.1).to(torch.bfloat16)
         if lin.bias is not None:
             lin.bias.data = torch.randn(out, generator=g).to(torch.bfloat16)
-        layer = SlotLoRALinear(lin, num_slots=2, max_rank=8, batch=batch, dtype=torch.float32)
+        layer = SlotLoRALinear(lin, pool_rows=16, batch=batch, dtype=torch.float32)
         if j != 2:  # v carries no update: its slots stay empty
             for slot, r in RANKS.items():
                 _write(layer, slot, r, g)
@@ -37,7 +39,7 @@ def _projections(batch: LoraBatch, seed: int = 0) -> list[SlotLoRALinear]:
 
 def _write(layer: SlotLoRALinear, slot: int, r: int, g: torch.Generator) -> None:
     A, B = torch.randn(r, IN, generator=g) * 0.3, torch.randn(layer.out_features, r, generator=g) * 0.3
-    layer.set_slot(slot, A, B, 2.0)
+    layer.set_slot(slot, ROWS[slot], A, B, 2.0)
 
 
 def _plain(layers: list[SlotLoRALinear], x: torch.Tensor) -> list[torch.Tensor]:
@@ -67,7 +69,7 @@ def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool, small_t
     fused = FusedQKV(*layers)
     x = torch.randn(4, T, IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     gate = torch.tensor([0.25, 0.25, 1.0, 1.0])  # a gated row: per-rank weights of slot 0
-    build_lora_batch(batch, [0, 0, -1, 1], [None, gate, None, None], RANKS, torch.device("cpu"), torch.float32,
+    build_lora_batch(batch, [0, 0, -1, 1], [None, gate, None, None], ROWS, torch.device("cpu"), torch.float32,
                      per_row=per_row)
     assert batch.per_row == per_row
     with torch.inference_mode():
@@ -93,7 +95,7 @@ def test_packed_term_follows_rewritten_slots_and_new_layouts(per_row: bool, smal
     seen = []
     with torch.inference_mode():
         for rows in ([0, 1, -1], [1, 1, 1], [0, 1, -1]):
-            build_lora_batch(batch, rows, [None] * 3, RANKS, torch.device("cpu"), torch.float32, per_row=per_row)
+            build_lora_batch(batch, rows, [None] * 3, ROWS, torch.device("cpu"), torch.float32, per_row=per_row)
             assert batch.per_row == per_row
             for _rewrite in range(2):  # same layout, new slot contents: the packed copies must be rebuilt
                 want = _plain(layers, x)
@@ -112,7 +114,7 @@ def test_a_prefill_between_decode_steps_keeps_the_decode_layouts_copies() -> Non
     term = PackedLoraTerm(_projections(batch)[:1])
 
     def weights_for(rows: list[int]) -> tuple:
-        build_lora_batch(batch, rows, [None] * len(rows), RANKS, torch.device("cpu"), torch.float32)
+        build_lora_batch(batch, rows, [None] * len(rows), ROWS, torch.device("cpu"), torch.float32)
         return term._weights()
 
     decode = weights_for([0, 1, -1])

@@ -115,15 +115,35 @@ def test_no_stop_emits_everything_and_utf8_is_never_split(tok) -> None:
 
 
 def test_slot_table_evicts_lru_unpinned_and_respects_holds() -> None:
-    t = SlotTable(2)
-    t.assign(0, ("a", 1), 8)
-    t.assign(1, ("b", 1), 8)
-    t.pin(0)
-    assert t.free_or_victim() == (1, ("b", 1))
-    t.hold(1, True)
-    assert t.free_or_victim() is None  # a pinned row and an operator hold: nothing can go
-    t.unpin(0)
-    assert t.free_or_victim() == (0, ("a", 1))
+    t = SlotTable(16)
+    a, b = t.assign(("a", 1), 8), t.assign(("b", 1), 8)
+    t.pin(a)
+    assert t.room_for(8) == [b]
+    t.hold(b, True)
+    assert t.room_for(1) is None  # a pinned row and an operator hold: nothing can go
+    t.unpin(a)
+    assert t.room_for(8) == [a]
+
+
+def test_slot_table_shares_its_rows_by_rank() -> None:
+    t = SlotTable(2 * 16)  # two slots of rank 16 ...
+    small = [t.assign((f"r4-{i}", 1), 4) for i in range(6)]  # ... hold six adapters of rank 4, and room for 8 more
+    assert len(t) == 6 and t.room_for(8) == [] and t.room_for(9) == [small[0]]
+    assert t.room_for(24) == small[:4] and t.room_for(33) is None
+    t.release(small[1])
+    t.release(small[3])
+    big = t.assign(("r16", 1), 16)  # rows need not be contiguous: the freed ones first
+    assert t.rows_of(big) == [4, 5, 6, 7, 12, 13, 14, 15, *range(24, 32)]
+    assert big not in small and t.lookup(("r16", 1)) == big  # slot ids are never reused
+    t.release(big)
+    assert t.lookup(("r16", 1)) is None and t.room_for(16) == []
+
+
+def test_a_draining_slot_serves_its_own_adapter_again() -> None:
+    t = SlotTable(16)
+    a = t.assign(("a", 1), 8)
+    assert t.drain_one() == a and t.lookup(("a", 1)) is None  # no new rows on it ...
+    assert t.undrain(("a", 1)) == a and t.lookup(("a", 1)) == a  # ... unless they want that very version
 
 
 def test_token_logprobs_give_the_rank_and_the_likeliest() -> None:

@@ -30,10 +30,12 @@ def test_converted_and_unconverted_weights_fill_a_slot_alike(tiny_llama_dir: Pat
     converted.slot_ready(eng.runner.dtype)
     assert fresh.converted(eng.runner.dtype) is None
     with torch.inference_mode():
-        eng.adapters.write(0, ("fresh", 1), fresh)
-        eng.adapters.write(1, ("converted", 1), converted)
+        a = eng.adapters.write(("fresh", 1), fresh)
+        b = eng.adapters.write(("converted", 1), converted)
     assert fresh.converted(eng.runner.dtype) is None  # written straight into the slot, nothing kept
+    rows_a, rows_b = eng.slots.rows_of(a), eng.slots.rows_of(b)
+    assert rows_a == [0, 1, 2, 3] and rows_b == [4, 5, 6, 7]  # the lowest free rows, one per rank
     for path, layer in eng.lora_layers.items():
-        assert layer.present[0] and layer.present[1]
-        assert torch.equal(layer.A[0], layer.A[1]) and torch.equal(layer.Bs[0], layer.Bs[1]), path
-        assert layer.A[0].abs().sum() > 0
+        assert a in layer.present and b in layer.present
+        assert torch.equal(layer.A[rows_a], layer.A[rows_b]) and torch.equal(layer.Bs[rows_a], layer.Bs[rows_b]), path
+        assert layer.A[rows_a].abs().sum() > 0
