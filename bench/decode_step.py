@@ -72,16 +72,18 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 20000, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(args.rows)]
     with tempfile.TemporaryDirectory() as work, torch.inference_mode():
+        slots = []
         for i in range(8):
             path = make_peft_adapter(model_dir, Path(work) / f"ad{i}", r=8 if i % 2 else 16, seed=100 + i, std=0.01)
-            engine.adapters.write(i, (f"ad{i}", 1), load_adapter_dir(path))
+            slots.append(engine.adapters.write((f"ad{i}", 1), load_adapter_dir(path)))
+        mix = [slots[i % 8] for i in range(args.rows)]
         base, mixed, onednn = [], [], []
         small = packed_lora.SMALL_TERM
         for r in range(args.repeats):
             base.append(step_ms(engine, [-1] * args.rows, prompts, args.steps))
-            mixed.append(step_ms(engine, [i % 8 for i in range(args.rows)], prompts, args.steps))
+            mixed.append(step_ms(engine, mix, prompts, args.steps))
             packed_lora.SMALL_TERM = 0
-            onednn.append(step_ms(engine, [i % 8 for i in range(args.rows)], prompts, args.steps))
+            onednn.append(step_ms(engine, mix, prompts, args.steps))
             packed_lora.SMALL_TERM = small
             print(f"round {r + 1}: base {base[-1]:.1f} ms, mixed {mixed[-1]:.1f} ms, mixed on oneDNN only "
                   f"{onednn[-1]:.1f} ms", flush=True)
