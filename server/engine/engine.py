@@ -147,7 +147,7 @@ class Engine:
 
     def hold_adapter(self, key: AdapterKey, held: bool) -> Future[None]:
         """Operator pin: load ``key`` into a slot now and keep it there (``held=False`` releases it); the future
-        fails with ``NoSlotFree`` when every slot is in use or pinned."""
+        fails with ``NoSlotFree`` when the slots' rows are all in use or pinned."""
         return self.call_soon(lambda: self.adapters.hold(key, held))
 
     def stage_adapter(self, key: AdapterKey) -> Future[None]:
