@@ -91,6 +91,10 @@ class Metrics:
         self._resident = Gauge(
             "clora_adapters_resident", "Adapters resident per tier (cpu, slot).", ("tier",), registry=reg
         )
+        self._slot_rows = Gauge(
+            "clora_slot_rank_rows", "Rank rows of the compute slots (CLORA_MAX_LORAS x CLORA_MAX_LORA_RANK), used "
+            "by resident adapters or free.", ("state",), registry=reg
+        )
         self._loads = Counter(
             "clora_adapter_loads", "Adapter loads into a tier.", ("adapter", "tier"), registry=reg
         )
@@ -184,6 +188,12 @@ class Metrics:
     def adapters_resident(self, tier: str, n: int) -> None:
         """How many adapters a tier holds now."""
         self._resident.labels(tier).set(n)
+
+    @_hook
+    def slot_rows(self, used: int, free: int) -> None:
+        """How many of the compute slots' rank rows resident adapters hold, and how many are free."""
+        self._slot_rows.labels("used").set(used)
+        self._slot_rows.labels("free").set(free)
 
     @_hook
     def adapter_loaded(self, adapter: str, tier: str, seconds: float) -> None:

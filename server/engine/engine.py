@@ -50,6 +50,7 @@ class EngineHooks(Protocol):
     def adapter_loaded(self, adapter: str, tier: str, seconds: float) -> None: ...
     def adapter_evicted(self, tier: str) -> None: ...
     def adapters_resident(self, tier: str, n: int) -> None: ...
+    def slot_rows(self, used: int, free: int) -> None: ...
 
 
 class Engine:
@@ -351,6 +352,7 @@ class Engine:
     def _report(self) -> None:
         self._hook("engine_state", len(self._rows), self._pending, len(self._rows))
         self._hook("adapters_resident", "slot", len(self.slots))
+        self._hook("slot_rows", self.slots.capacity - self.slots.free_rows, self.slots.free_rows)
 
     def _hook(self, name: str, *args: object) -> None:
         if self.hooks is None:

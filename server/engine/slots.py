@@ -69,6 +69,10 @@ class SlotTable:
     def rows_of(self, slot: int) -> list[int]:
         return self._info[slot].rows
 
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
     def keys(self) -> list[AdapterKey]:
         return list(self._by_key)
 

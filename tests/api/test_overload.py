@@ -60,3 +60,5 @@ def test_adapters_of_smaller_rank_share_a_slot(tiny_llama_dir: Path, tiny_adapte
         assert together == alone
         assert srv.metric("clora_adapter_evictions_total", {"tier": "slot"}, default=0.0) == 0
         assert srv.metric("clora_adapters_resident", {"tier": "slot"}) == 2
+        assert srv.metric("clora_slot_rank_rows", {"state": "used"}) == 4 + 8
+        assert srv.metric("clora_slot_rank_rows", {"state": "free"}) == 16 - 12

@@ -30,6 +30,7 @@ def exercise(metrics: Metrics) -> None:
     metrics.decode_step(16)
     metrics.adapters_resident("cpu", 4)
     metrics.adapters_resident("slot", 2)
+    metrics.slot_rows(24, 488)
     metrics.adapter_loaded("adapter-a", "slot", 0.12)
     metrics.adapter_evicted("slot")
     metrics.routed("tfidf", 0.83)
@@ -76,7 +77,7 @@ def test_render_has_content_type_and_every_family() -> None:
         "clora_requests_total", "clora_request_latency_seconds_bucket", "clora_ttft_seconds_count",
         "clora_inter_token_latency_seconds_sum", "clora_queue_wait_seconds_bucket", "clora_prompt_tokens_total",
         "clora_generated_tokens_total", "clora_requests_running", "clora_requests_waiting", "clora_batch_size",
-        "clora_decode_step_rows_bucket", "clora_adapters_resident", "clora_adapter_loads_total", "clora_adapter_evictions_total",
+        "clora_decode_step_rows_bucket", "clora_adapters_resident", "clora_slot_rank_rows", "clora_adapter_loads_total", "clora_adapter_evictions_total",
         "clora_adapter_load_seconds_bucket", "clora_routing_decisions_total", "clora_routing_confidence_bucket",
         "clora_cache_hits_total", "clora_cache_misses_total", "clora_cache_errors_total",
         "clora_cache_skipped_total", "clora_cache_backend_up",
@@ -88,6 +89,7 @@ def test_render_has_content_type_and_every_family() -> None:
     assert reg.get_sample_value("clora_requests_total", labels) == 1
     assert reg.get_sample_value("clora_generated_tokens_total", {"adapter": "adapter-a"}) == 30
     assert reg.get_sample_value("clora_adapters_resident", {"tier": "cpu"}) == 4
+    assert reg.get_sample_value("clora_slot_rank_rows", {"state": "free"}) == 488
     assert reg.get_sample_value("clora_batch_size") == 3
     assert reg.get_sample_value("clora_decode_step_rows_sum") == 19
     assert reg.get_sample_value("clora_decode_step_rows_bucket", {"le": "4.0"}) == 1
