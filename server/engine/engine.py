@@ -296,7 +296,11 @@ class Engine:
         base = len(self._rows)
         # Several adapters: row by row (no row pays for the others' ranks; see packed_lora.py). A decode step
         # keeps the mask: one token per row, and its copies of the slots stay put while per-row ones would not.
-        self._set_lora_batch(new, per_row=len({r.slot for r in new if r.slot >= 0}) > 1)
+        # Per-row copies hold U x the largest rank rows: past the pool's size (one large rank among many small
+        # ones), the mask's, which hold the sum of the ranks, keep the memory within what the slots take.
+        used = {r.slot for r in new if r.slot >= 0}
+        per_row = len(used) > 1 and len(used) * max(len(self.slots.rows_of(s)) for s in used) <= self.slots.capacity
+        self._set_lora_batch(new, per_row=per_row)
         logits, scored = self.runner.prefill_scored(list(range(base, base + len(new))),
                                                     [r.req.prompt_ids for r in new],
                                                     [r.req.params.prompt_logprobs for r in new])
