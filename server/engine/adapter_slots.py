@@ -33,6 +33,7 @@ class AdapterSlots:
                  capacity: int, dtype: torch.dtype, hook: Callable[..., None]) -> None:
         self.layers, self.weights_for, self.dtype, self._hook = lora_layers, weights_for, dtype, hook
         self.table = SlotTable(capacity)
+        self._device = next((layer.A.device for layer in lora_layers.values()), torch.device("cpu"))
         self._gates: dict[int, tuple[object, tuple[int, ...]]] = {}  # slot -> (gate, rank segments)
 
     def acquire(self, key: AdapterKey) -> int | None:
@@ -75,7 +76,7 @@ class AdapterSlots:
     def write(self, key: AdapterKey, w: AdapterWeights) -> int:
         """Put ``key`` into free rows of every wrapped layer (``room_for`` made them free); returns its slot."""
         slot = self.table.assign(key, w.rank)
-        rows = self.table.rows_of(slot)
+        rows = torch.tensor(self.table.rows_of(slot), dtype=torch.long, device=self._device)
         for path, A, Bs in w.each_slot_form(self.dtype):  # a just-registered version converts here
             self.layers[path].write_slot(slot, rows[:A.shape[0]], A, Bs)
         if w.gate is not None:

@@ -218,16 +218,15 @@ class SlotLoRALinear(nn.Module):
         """Write ``ΔW = scale · B @ A`` (A (r, in), B (out, r)) into ``slot``, at pool ``rows``."""
         self.write_slot(slot, rows, *LoraPair(A, B, scale).slot_form(self.A.dtype))
 
-    def write_slot(self, slot: int, rows: Sequence[int], A: torch.Tensor, Bs: torch.Tensor) -> None:
+    def write_slot(self, slot: int, rows: Sequence[int] | torch.Tensor, A: torch.Tensor, Bs: torch.Tensor) -> None:
         """Store ``A (r, in)`` and ``Bs = scale · Bᵀ (r, out)`` in ``slot``'s pool ``rows`` (r free rows, which are
-        zero)."""
+        zero; never the pool's last)."""
         r = A.shape[0]
         assert A.shape == (r, self.in_features), f"A {tuple(A.shape)} vs in {self.in_features}"
         assert Bs.shape == (r, self.out_features), f"Bs {tuple(Bs.shape)} vs out {self.out_features}"
         assert len(rows) == r, f"{len(rows)} rows for rank {r}"
         self.clear_slot(slot)  # a rewrite: its old rows go back to zero first
-        idx = torch.tensor(rows, dtype=torch.long, device=self.A.device)
-        assert int(idx.max()) < self.A.shape[0] - 1, "the pool's last row stays zero"
+        idx = torch.as_tensor(rows, dtype=torch.long, device=self.A.device)
         self.A.index_copy_(0, idx, A.to(self.A.dtype))
         self.Bs.index_copy_(0, idx, Bs.to(self.Bs.dtype))
         self.present[slot] = idx
