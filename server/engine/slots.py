@@ -17,6 +17,8 @@ import bisect
 from collections import OrderedDict
 from dataclasses import dataclass
 from itertools import count
+from types import MappingProxyType
+from typing import Mapping
 
 AdapterKey = tuple[str, int]  # (name, version)
 
@@ -28,7 +30,6 @@ class NoSlotFree(RuntimeError):
 @dataclass
 class SlotInfo:
     key: AdapterKey
-    rows: list[int]  # the pool rows it holds, one per rank
     pins: int = 0
     draining: bool = False
     held: bool = False  # pinned by an operator: never evicted until unpinned
@@ -43,6 +44,8 @@ class SlotTable:
         self._ids = count()
         self._by_key: dict[AdapterKey, int] = {}
         self._info: dict[int, SlotInfo] = {}
+        self._rows: dict[int, list[int]] = {}  # slot -> the pool rows it holds, one per rank
+        self._rows_view = MappingProxyType(self._rows)
         self._lru: OrderedDict[int, None] = OrderedDict()  # slot -> None, least recent first
 
     def __len__(self) -> int:
@@ -62,12 +65,12 @@ class SlotTable:
         self._info[slot].draining = False
         return slot
 
-    def rows(self) -> dict[int, list[int]]:
-        """Every resident slot's pool rows."""
-        return {s: i.rows for s, i in self._info.items()}
+    def rows(self) -> Mapping[int, list[int]]:
+        """Every resident slot's pool rows: a live read-only view (every engine step reads it; nothing is copied)."""
+        return self._rows_view
 
     def rows_of(self, slot: int) -> list[int]:
-        return self._info[slot].rows
+        return self._rows[slot]
 
     @property
     def free_rows(self) -> int:
@@ -86,7 +89,7 @@ class SlotTable:
             info = self._info[s]
             if info.pins == 0 and not info.held:
                 victims.append(s)
-                need -= len(info.rows)
+                need -= len(self._rows[s])
         return victims if need <= 0 else None
 
     def hold(self, slot: int, held: bool) -> None:
@@ -98,7 +101,8 @@ class SlotTable:
         assert key not in self._by_key, f"{key} is resident already"
         rows, self._free = self._free[:rank], self._free[rank:]
         slot = next(self._ids)
-        self._info[slot] = SlotInfo(key, rows)
+        self._info[slot] = SlotInfo(key)
+        self._rows[slot] = rows
         self._by_key[key] = slot
         self._lru[slot] = None
         return slot
@@ -108,7 +112,7 @@ class SlotTable:
         assert info.pins == 0, "cannot release a pinned slot"
         del self._by_key[info.key]
         self._lru.pop(slot, None)
-        for r in info.rows:
+        for r in self._rows.pop(slot):
             bisect.insort(self._free, r)
         return info.key
 
