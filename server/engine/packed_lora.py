@@ -163,12 +163,16 @@ class FusedQKV(nn.Module):
         self.lora = [p for p in parts if isinstance(p, SlotLoRALinear)]
         self.term = PackedLoraTerm(self.lora) if len(self.lora) == 3 else None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        *lead, d = x.shape  # (N, T, in)
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v side by side: (N, T, q + k + v) for ``x (N, T, in)``."""
+        *lead, d = x.shape
         y = packed_linear(x.reshape(-1, d), self.packed, sum(self.sizes), self.bias)  # (M, q + k + v)
         if self.term is not None and any(layer.active() for layer in self.lora):
             y = self.term(x, y)
-        return tuple(y.view(*lead, -1).split(self.sizes, dim=-1))
+        return y.view(*lead, -1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(self.joint(x).split(self.sizes, dim=-1))
 
 
 def _fusable(attn: nn.Module) -> bool:
