@@ -75,10 +75,10 @@ class AdapterWeights:
 
     def each_slot_form(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """``(path, A, Bs)`` of every module in slot form: from ``slot_ready`` when it has been computed, else
-        converted one module at a time as the caller consumes them (nothing kept)."""
-        ready = self.converted(dtype)
-        for path, pair in self.modules.items():
-            yield (path, *(ready[path] if ready is not None else pair.slot_form(dtype)))
+        converted here by groups of same-shaped modules (nothing kept)."""
+        ready = self.converted(dtype) or _slot_forms(self.modules, dtype)
+        for path in self.modules:
+            yield (path, *ready[path])
 
     def nbytes(self) -> int:
         return sum(p.A.numel() * p.A.element_size() + p.B.numel() * p.B.element_size() for p in self.modules.values())

@@ -87,8 +87,13 @@ class PackedLoraTerm:
         return self._kept(self._small, self.batch.layout, KEPT_LAYOUTS, self._gather_transposed, pack=False)
 
     def _gather_transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        A, B = self._gather()
-        return A.float().T.contiguous(), B.float().T.contiguous()
+        """``_gather``'s two copies as the products read them, made straight from the slots: a new adapter's first
+        forward (a hot-registered one's first token) builds these for every layer, so fewer ops count there.
+        ``Aᵀ`` is a transposed view (BLAS reads either order)."""
+        b = self.batch
+        A = torch.cat([b.rank_rows(layer.A) for layer in self.layers]).float()  # (n·S, in)
+        Bt = torch.block_diag(*[b.rank_rows(layer.Bs) for layer in self.layers]).float()  # (n·S, Σ out)
+        return A.T, Bt
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots one by one (``stack_slots``), for a prefill on several adapters."""
