@@ -137,7 +137,7 @@ class ModelRunner:
         qk = _rope(qk, *rope)  # (N, T, H + KV, D)
         return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
-    def _layer(self, i: int, h: torch.Tensor, rope: tuple, attend, ) -> torch.Tensor:
+    def _layer(self, i: int, h: torch.Tensor, rope: tuple, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         layer = self.layers[i]
         norm_in, norm_post = self.norms[i]
         q, k, v = self._qkv(layer.self_attn, norm_in(h), rope)
