@@ -57,11 +57,11 @@ class LoraBatch:
         self.row_pos, self.layout = [], ()
         self._flat, self._rows = {}, {}
 
-    def rank_rows(self, buf: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The rank rows of the batch's slots, side by side, from a layer's pool ``buf (P + 1, f)``: ``(Σ rank, f)``,
-        written into ``out`` when given. One ``index_select`` (the row indices are built once per layout)."""
+    def rank_rows(self, buf: torch.Tensor) -> torch.Tensor:
+        """The rank rows of the batch's slots, side by side, from a layer's pool ``buf (P + 1, f)``: ``(Σ rank, f)``.
+        One ``index_select`` (the row indices are built once per layout)."""
         idx = self._index("rows", buf.device, lambda: [r for rows in self.slot_rows for r in rows])
-        return buf.index_select(0, idx) if out is None else torch.index_select(buf, 0, idx, out=out)
+        return buf.index_select(0, idx)
 
     def stacked_rows(self, buf: torch.Tensor) -> torch.Tensor:
         """``(U, R, f)``: each slot's rows of ``buf``, padded to the batch's largest rank R with the pool's last

@@ -87,13 +87,11 @@ class PackedLoraTerm:
         return self._kept(self._small, self.batch.layout, KEPT_LAYOUTS, self._gather_transposed, pack=False)
 
     def _gather_transposed(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``_gather``'s two copies as the products read them, made straight from the slots: a new adapter's first
-        forward (a hot-registered one's first token) builds these for every layer, so fewer ops count there.
-        ``Aᵀ`` is a transposed view (BLAS reads either order)."""
-        b = self.batch
-        A = torch.cat([b.rank_rows(layer.A) for layer in self.layers]).float()  # (n·S, in)
-        Bt = torch.block_diag(*[b.rank_rows(layer.Bs) for layer in self.layers]).float()  # (n·S, Σ out)
-        return A.T, Bt
+        """``_gather``'s copies as the float32 products read them: ``Aᵀ (in, n·S)``, a transposed view (BLAS reads
+        either order), and ``Bᵀ (n·S, Σ out)``, made block diagonal as it is. A new adapter's first forward (a
+        hot-registered one's first token) makes these for every layer, so they take few ops."""
+        Bt = torch.block_diag(*[self.batch.rank_rows(layer.Bs) for layer in self.layers])
+        return self._stacked_A().float().T, Bt.float()
 
     def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's slots one by one (``stack_slots``), for a prefill on several adapters."""
@@ -117,16 +115,19 @@ class PackedLoraTerm:
             entry[0], entry[1] = pack_weight(entry[0]), pack_weight(entry[1])
         return entry[0], entry[1]
 
+    def _stacked_A(self) -> torch.Tensor:
+        """The layers' ``A_u`` stacked: ``(n·S, in)`` (S: the batch's total rank)."""
+        return torch.cat([self.batch.rank_rows(layer.A) for layer in self.layers])
+
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The layers' gathered ``A_u`` stacked, ``(n·S, in)``, and their ``B_u`` block diagonal, as a linear weight
-        ``(Σ out, n·S)`` (S: the batch's total rank)."""
-        b, first, n = self.batch, self.layers[0], len(self.layers)
-        S = b.total_rank
-        A = first.A.new_empty(n * S, first.in_features)
-        B = first.A.new_zeros(sum(self.outs), n * S)
+        ``(Σ out, n·S)``: written transposed into place (8 slots: 30 q/k/v terms in 9-12 ms, against 17-23 for a
+        ``block_diag`` transposed afterwards)."""
+        b, S = self.batch, self.batch.total_rank
+        A = self._stacked_A()
+        B = A.new_zeros(sum(self.outs), len(self.layers) * S)
         row = 0
         for j, (layer, out) in enumerate(zip(self.layers, self.outs)):
-            b.rank_rows(layer.A, out=A[j * S: (j + 1) * S])
             B[row: row + out, j * S: (j + 1) * S] = b.rank_rows(layer.Bs).T
             row += out
         return A, B
