@@ -13,6 +13,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# The device the tests' servers run on (CLORA_DEVICE): cpu by default, so that the suite runs anywhere; set
+# CLORA_TEST_DEVICE=cuda to run the same HTTP tests against the GPU path (the references stay float32 on the CPU).
+TEST_DEVICE = os.environ.get("CLORA_TEST_DEVICE", "cpu")
 
 
 def free_port() -> int:

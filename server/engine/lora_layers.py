@@ -227,8 +227,8 @@ class SlotLoRALinear(nn.Module):
         assert len(rows) == r, f"{len(rows)} rows for rank {r}"
         self.clear_slot(slot)  # a rewrite: its old rows go back to zero first
         idx = torch.as_tensor(rows, dtype=torch.long, device=self.A.device)
-        self.A.index_copy_(0, idx, A.to(self.A.dtype))
-        self.Bs.index_copy_(0, idx, Bs.to(self.Bs.dtype))
+        self.A.index_copy_(0, idx, A.to(self.A.device, self.A.dtype))  # from the CPU tier onto the GPU, if any
+        self.Bs.index_copy_(0, idx, Bs.to(self.Bs.device, self.Bs.dtype))
         self.present[slot] = idx
         self._version += 1
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.peft_helpers import make_peft_adapter
-from tests.server_proc import ServerProcess
+from tests.server_proc import TEST_DEVICE, ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +21,7 @@ def tiny_adapters(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory
 
 def tiny_env(tiny_llama_dir: Path, adapters: Path, **extra: str) -> dict[str, str]:
     env = {"CLORA_BASE_MODEL": str(tiny_llama_dir), "CLORA_ADAPTERS_DIR": str(adapters),
-           "CLORA_DTYPE": "float32", "CLORA_DEVICE": "cpu", "CLORA_ROUTER": "hint", "CLORA_MAX_BATCH_SIZE": "8",
+           "CLORA_DTYPE": "float32", "CLORA_DEVICE": TEST_DEVICE, "CLORA_ROUTER": "hint", "CLORA_MAX_BATCH_SIZE": "8",
            "CLORA_MAX_LORAS": "4", "CLORA_MAX_LORA_RANK": "16"}
     env.update(extra)
     return env

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.engine.peft_helpers import make_peft_adapter
-from tests.server_proc import ServerProcess
+from tests.server_proc import TEST_DEVICE, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -24,7 +24,7 @@ def smol_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     make_peft_adapter(smollm2_dir, root / "q8", r=8, seed=21, std=0.02)
     make_peft_adapter(smollm2_dir, root / "all16", r=16, seed=22, std=0.02,
                       targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-    env = {"CLORA_ADAPTERS_DIR": str(root), "CLORA_DTYPE": "float32", "CLORA_DEVICE": "cpu",
+    env = {"CLORA_ADAPTERS_DIR": str(root), "CLORA_DTYPE": "float32", "CLORA_DEVICE": TEST_DEVICE,
            "CLORA_ROUTER": "hint", "CLORA_MAX_BATCH_SIZE": "8", "CLORA_MODEL_CACHE_DIR": str(smollm2_dir.parent)}
     with ServerProcess(env, tmp_path_factory.mktemp("logs") / "smol.log") as srv:
         yield srv, root
