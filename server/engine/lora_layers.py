@@ -3,7 +3,8 @@
 Mechanism only: layers know compute slots, nothing about adapter names. The slots share one pool of rank rows
 per module, ``A (P + 1, in)`` and ``Bs (P + 1, out)`` where ``Bs = scale · Bᵀ`` (the LoRA scale is folded in);
 slot ``s`` of rank r holds r of its rows, wherever the slot table (slots.py) put them, and every row no slot
-holds is zero (so is the pool's last row, always: the padding row of ``stack_slots``).
+holds is zero (so is the pool's last row, always: the padding row of ``stack_slots``). The pools of same-shaped
+layers are rows of one tensor (``SharedPool``), so putting an adapter into a slot is one copy per shape.
 
 For a batch, ``LoraBatch`` lists the distinct slots in use (``U`` of them, slot u of rank r_u) and a per-row
 mask ``(N, Σ r_u)`` that is 1 on the row's own slot's columns (times a per-rank weight: the gate of a GainLoRA
@@ -190,21 +191,45 @@ def per_row_term(x: torch.Tensor, y: torch.Tensor, At: torch.Tensor, Bt: torch.T
     return torch.baddbmm(y, h, B) if y.dtype == At.dtype else y + torch.bmm(h, B).to(y.dtype)
 
 
+@dataclass(frozen=True, eq=False)
+class SharedPool:
+    """The pools of n same-shaped layers as one tensor each, ``A (n, P + 1, in)`` and ``Bs (n, P + 1, out)``, so
+    that an adapter goes into (``write_slots``) or out of (``clear_slots``) a compute slot with one copy per group
+    of same-shaped layers rather than two per layer (SmolLM2, r 16 on q/k/v/o: 4 copies instead of 240)."""
+
+    A: torch.Tensor
+    Bs: torch.Tensor
+
+    @staticmethod
+    def zeros(n: int, pool_rows: int, in_features: int, out_features: int, like: torch.Tensor) -> "SharedPool":
+        return SharedPool(torch.zeros(n, pool_rows + 1, in_features, dtype=like.dtype, device=like.device),
+                          torch.zeros(n, pool_rows + 1, out_features, dtype=like.dtype, device=like.device))
+
+    def rows(self, layers: Sequence["SlotLoRALinear"], rows: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Indices into the flattened pools of each layer's ``rows`` (layers of this pool), in order."""
+        n = self.A.shape[1]
+        return torch.tensor([layer.shared[1] * n + r for layer, rs in zip(layers, rows) for r in rs],
+                            dtype=torch.long, device=self.A.device)
+
+
 class SlotLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a pool of ``pool_rows`` LoRA rank rows, which the compute slots share."""
 
-    def __init__(self, base: nn.Linear, pool_rows: int, batch: LoraBatch, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, base: nn.Linear, pool_rows: int, batch: LoraBatch, dtype: torch.dtype | None = None,
+                 shared: tuple["SharedPool", int] | None = None) -> None:
         """The pool is stored in the base weight's dtype; ``dtype`` is the one the LoRA term is computed in (default:
-        the same; see ``lora_dtype``)."""
+        the same; see ``lora_dtype``). ``shared`` = (pool, i): this layer's pool is ``pool``'s i-th."""
         super().__init__()
         self.base = base
         self.batch = batch
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight
         self.compute_dtype = dtype or w.dtype
+        self.shared = shared or (SharedPool.zeros(1, pool_rows, self.in_features, self.out_features, w), 0)
+        pool, i = self.shared
         # one more row than the slots can take: always zero (padding)
-        self.register_buffer("A", torch.zeros(pool_rows + 1, self.in_features, dtype=w.dtype, device=w.device))
-        self.register_buffer("Bs", torch.zeros(pool_rows + 1, self.out_features, dtype=w.dtype, device=w.device))
+        self.register_buffer("A", pool.A[i])  # (pool_rows + 1, in)
+        self.register_buffer("Bs", pool.Bs[i])  # (pool_rows + 1, out)
         self.present: dict[int, torch.Tensor] = {}  # slot -> its rows this module's update is written in
         self._version = 0  # bumped on every slot write: invalidates the copies below
         self._copies: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> (key, weights)
@@ -294,13 +319,54 @@ def wrap_lora_layers(
     Returns the shared ``LoraBatch`` and the wrapped layers keyed by their original module path.
     """
     batch = LoraBatch()
-    wrapped: dict[str, SlotLoRALinear] = {}
     targets = set(target_modules)
-    for path, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{path}.{child_name}" if path else child_name
-            if child_name in targets and isinstance(child, nn.Linear) and ".layers." in f".{full}":
-                layer = SlotLoRALinear(child, pool_rows, batch, dtype)
-                setattr(module, child_name, layer)
-                wrapped[full] = layer
-    return batch, wrapped
+    found = [(f"{path}.{name}" if path else name, module, name, child)
+             for path, module in list(model.named_modules()) for name, child in list(module.named_children())
+             if name in targets and isinstance(child, nn.Linear) and ".layers." in f".{path}.{name}"]
+    groups: dict[tuple[int, int], list[int]] = {}  # (in, out) -> indices into found: their pools are one tensor
+    for k, (_, _, _, child) in enumerate(found):
+        groups.setdefault((child.in_features, child.out_features), []).append(k)
+    wrapped: dict[str, SlotLoRALinear] = {}
+    for (n_in, n_out), ks in groups.items():
+        pool = SharedPool.zeros(len(ks), pool_rows, n_in, n_out, found[ks[0]][3].weight)
+        for i, k in enumerate(ks):
+            full, module, name, child = found[k]
+            wrapped[full] = SlotLoRALinear(child, pool_rows, batch, dtype, shared=(pool, i))
+            setattr(module, name, wrapped[full])
+    return batch, {full: wrapped[full] for full, *_ in found}  # in the model's order
+
+
+def write_slots(layers: Sequence[SlotLoRALinear], slot: int, rows: Sequence[int], A: torch.Tensor,
+                Bs: torch.Tensor) -> None:
+    """``layers[i].write_slot(slot, rows, A[i], Bs[i])`` for every i (``A (n, r, in)``, ``Bs (n, r, out)``), as one
+    copy of each when the layers share one pool."""
+    pool = layers[0].shared[0]
+    if any(layer.shared[0] is not pool for layer in layers):
+        for layer, a, b in zip(layers, A, Bs):
+            layer.write_slot(slot, rows, a, b)
+        return
+    clear_slots(layers, slot)  # a rewrite: its old rows go back to zero first
+    flat = pool.rows(layers, [rows] * len(layers))
+    pool.A.view(-1, pool.A.shape[-1]).index_copy_(0, flat, A.reshape(-1, A.shape[-1]).to(pool.A.device, pool.A.dtype))
+    pool.Bs.view(-1, pool.Bs.shape[-1]).index_copy_(0, flat,
+                                                      Bs.reshape(-1, Bs.shape[-1]).to(pool.Bs.device, pool.Bs.dtype))
+    idx = torch.as_tensor(rows, dtype=torch.long, device=pool.A.device)
+    for layer in layers:
+        layer.present[slot] = idx
+        layer._version += 1
+
+
+def clear_slots(layers: Sequence[SlotLoRALinear], slot: int) -> None:
+    """``layer.clear_slot(slot)`` for every layer: one fill of each shared pool that holds some of it."""
+    held: dict[int, tuple[SharedPool, list[SlotLoRALinear], list[list[int]]]] = {}
+    for layer in layers:
+        idx = layer.present.pop(slot, None)
+        if idx is not None:
+            entry = held.setdefault(id(layer.shared[0]), (layer.shared[0], [], []))
+            entry[1].append(layer)
+            entry[2].append(idx.tolist())
+            layer._version += 1
+    for pool, held_layers, rows in held.values():
+        flat = pool.rows(held_layers, rows)
+        pool.A.view(-1, pool.A.shape[-1]).index_fill_(0, flat, 0)
+        pool.Bs.view(-1, pool.Bs.shape[-1]).index_fill_(0, flat, 0)
