@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
@@ -103,10 +103,14 @@ class Scratch:
     def __call__(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         start = -(-self._used // 64) * 64
         end = start + math.prod(shape) * dtype.itemsize
-        if end > self._buf.numel():  # grow; tensors handed out before keep the old buffer alive
-            self._buf, start, end = torch.empty(2 * end, dtype=torch.uint8), 0, end - start
+        if end > self._buf.numel():  # grow to the largest group yet; what was handed out keeps the old buffer
+            self._buf, start, end = torch.empty(end, dtype=torch.uint8), 0, end - start
         self._used = end
         return self._buf[start:end].view(dtype).view(shape)
+
+
+def _fresh(device: torch.device) -> Callable[[tuple[int, ...], torch.dtype], torch.Tensor]:
+    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
 
 
 def _slot_groups(modules: dict[str, LoraPair], dtype: torch.dtype, scratch: Scratch | None = None) -> Iterator[SlotGroup]:
@@ -120,11 +124,9 @@ def _slot_groups(modules: dict[str, LoraPair], dtype: torch.dtype, scratch: Scra
     for paths in groups.values():
         pairs = [modules[p] for p in paths]
         (r, n_in), n_out, dev = pairs[0].A.shape, pairs[0].B.shape[0], pairs[0].A.device
-        if scratch is not None and dev.type == "cpu":
+        empty = scratch if scratch is not None and dev.type == "cpu" else _fresh(dev)
+        if empty is scratch:
             scratch.reset()
-            empty = scratch
-        else:
-            empty = lambda shape, dt: torch.empty(shape, dtype=dt, device=dev)  # noqa: E731
         A = torch.stack([p.A for p in pairs], out=empty((len(pairs), r, n_in), pairs[0].A.dtype))
         if A.dtype != dtype:
             A = empty(A.shape, dtype).copy_(A)
