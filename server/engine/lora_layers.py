@@ -211,6 +211,15 @@ class SharedPool:
         return torch.tensor([layer.shared[1] * n + r for layer, rs in zip(layers, rows) for r in rs],
                             dtype=torch.long, device=self.A.device)
 
+    def put(self, flat: torch.Tensor, A: torch.Tensor, Bs: torch.Tensor) -> None:
+        """Copy ``A (k, in)`` and ``Bs (k, out)`` to the flattened pools' rows ``flat`` (onto the GPU, if any)."""
+        self.A.view(-1, self.A.shape[-1]).index_copy_(0, flat, A.to(self.A.device, self.A.dtype))
+        self.Bs.view(-1, self.Bs.shape[-1]).index_copy_(0, flat, Bs.to(self.Bs.device, self.Bs.dtype))
+
+    def zero(self, flat: torch.Tensor) -> None:
+        self.A.view(-1, self.A.shape[-1]).index_fill_(0, flat, 0)
+        self.Bs.view(-1, self.Bs.shape[-1]).index_fill_(0, flat, 0)
+
 
 class SlotLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a pool of ``pool_rows`` LoRA rank rows, which the compute slots share."""
@@ -230,7 +239,7 @@ class SlotLoRALinear(nn.Module):
         # one more row than the slots can take: always zero (padding)
         self.register_buffer("A", pool.A[i])  # (pool_rows + 1, in)
         self.register_buffer("Bs", pool.Bs[i])  # (pool_rows + 1, out)
-        self.present: dict[int, torch.Tensor] = {}  # slot -> its rows this module's update is written in
+        self.present: dict[int, list[int]] = {}  # slot -> the pool rows this module's update is written in
         self._version = 0  # bumped on every slot write: invalidates the copies below
         self._copies: dict[str, tuple[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}  # kind -> (key, weights)
         self.packed_term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # see packed_lora.py
@@ -241,30 +250,8 @@ class SlotLoRALinear(nn.Module):
 
     def set_slot(self, slot: int, rows: Sequence[int], A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         """Write ``ΔW = scale · B @ A`` (A (r, in), B (out, r)) into ``slot``, at pool ``rows``."""
-        self.write_slot(slot, rows, *LoraPair(A, B, scale).slot_form(self.A.dtype))
-
-    def write_slot(self, slot: int, rows: Sequence[int] | torch.Tensor, A: torch.Tensor, Bs: torch.Tensor) -> None:
-        """Store ``A (r, in)`` and ``Bs = scale · Bᵀ (r, out)`` in ``slot``'s pool ``rows`` (r free rows, which are
-        zero; never the pool's last)."""
-        r = A.shape[0]
-        assert A.shape == (r, self.in_features), f"A {tuple(A.shape)} vs in {self.in_features}"
-        assert Bs.shape == (r, self.out_features), f"Bs {tuple(Bs.shape)} vs out {self.out_features}"
-        assert len(rows) == r, f"{len(rows)} rows for rank {r}"
-        self.clear_slot(slot)  # a rewrite: its old rows go back to zero first
-        idx = torch.as_tensor(rows, dtype=torch.long, device=self.A.device)
-        self.A.index_copy_(0, idx, A.to(self.A.device, self.A.dtype))  # from the CPU tier onto the GPU, if any
-        self.Bs.index_copy_(0, idx, Bs.to(self.Bs.device, self.Bs.dtype))
-        self.present[slot] = idx
-        self._version += 1
-
-    def clear_slot(self, slot: int) -> None:
-        """Zero ``slot``'s rows (a no-op when this module holds nothing of it)."""
-        idx = self.present.pop(slot, None)
-        if idx is None:
-            return
-        self.A.index_fill_(0, idx, 0)
-        self.Bs.index_fill_(0, idx, 0)
-        self._version += 1
+        A, Bs = LoraPair(A, B, scale).slot_form(self.A.dtype)
+        write_slots([self], slot, rows, A[None], Bs[None])
 
     def gather(self, b: LoraBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """A_u (Σ rank, in) and B_u (Σ rank, out): the batch's slots side by side, in the slots' dtype."""
@@ -338,35 +325,36 @@ def wrap_lora_layers(
 
 def write_slots(layers: Sequence[SlotLoRALinear], slot: int, rows: Sequence[int], A: torch.Tensor,
                 Bs: torch.Tensor) -> None:
-    """``layers[i].write_slot(slot, rows, A[i], Bs[i])`` for every i (``A (n, r, in)``, ``Bs (n, r, out)``), as one
-    copy of each when the layers share one pool."""
-    pool = layers[0].shared[0]
-    if any(layer.shared[0] is not pool for layer in layers):
-        for layer, a, b in zip(layers, A, Bs):
-            layer.write_slot(slot, rows, a, b)
-        return
+    """Store ``A[i] (r, in)`` and ``Bs[i] = scale · Bᵀ (r, out)`` of every ``layers[i]`` in ``slot``'s pool ``rows``
+    (r free rows, which are zero; never a pool's last): one copy of each per shared pool."""
+    rows = [int(r) for r in rows]
+    assert A.shape[0] == Bs.shape[0] == len(layers) and A.shape[1] == Bs.shape[1] == len(rows), \
+        f"A {tuple(A.shape)}, Bs {tuple(Bs.shape)} for {len(layers)} layers and {len(rows)} rows"
     clear_slots(layers, slot)  # a rewrite: its old rows go back to zero first
-    flat = pool.rows(layers, [rows] * len(layers))
-    pool.A.view(-1, pool.A.shape[-1]).index_copy_(0, flat, A.reshape(-1, A.shape[-1]).to(pool.A.device, pool.A.dtype))
-    pool.Bs.view(-1, pool.Bs.shape[-1]).index_copy_(0, flat,
-                                                      Bs.reshape(-1, Bs.shape[-1]).to(pool.Bs.device, pool.Bs.dtype))
-    idx = torch.as_tensor(rows, dtype=torch.long, device=pool.A.device)
+    by_pool: dict[int, list[int]] = {}
+    for k, layer in enumerate(layers):
+        by_pool.setdefault(id(layer.shared[0]), []).append(k)
+    for ks in by_pool.values():
+        pool = layers[ks[0]].shared[0]
+        a, bs = (A, Bs) if len(ks) == len(layers) else (A[ks], Bs[ks])
+        assert a.shape[2] == pool.A.shape[2] and bs.shape[2] == pool.Bs.shape[2], \
+            f"A {tuple(a.shape)}, Bs {tuple(bs.shape)} vs pools {tuple(pool.A.shape)}, {tuple(pool.Bs.shape)}"
+        pool.put(pool.rows([layers[k] for k in ks], [rows] * len(ks)), a.reshape(-1, a.shape[-1]),
+                 bs.reshape(-1, bs.shape[-1]))
     for layer in layers:
-        layer.present[slot] = idx
+        layer.present[slot] = rows
         layer._version += 1
 
 
 def clear_slots(layers: Sequence[SlotLoRALinear], slot: int) -> None:
-    """``layer.clear_slot(slot)`` for every layer: one fill of each shared pool that holds some of it."""
+    """Zero ``slot``'s rows in every layer that holds some of it: one fill of each shared pool."""
     held: dict[int, tuple[SharedPool, list[SlotLoRALinear], list[list[int]]]] = {}
     for layer in layers:
-        idx = layer.present.pop(slot, None)
-        if idx is not None:
+        rows = layer.present.pop(slot, None)
+        if rows is not None:
             entry = held.setdefault(id(layer.shared[0]), (layer.shared[0], [], []))
             entry[1].append(layer)
-            entry[2].append(idx.tolist())
+            entry[2].append(rows)
             layer._version += 1
     for pool, held_layers, rows in held.values():
-        flat = pool.rows(held_layers, rows)
-        pool.A.view(-1, pool.A.shape[-1]).index_fill_(0, flat, 0)
-        pool.Bs.view(-1, pool.Bs.shape[-1]).index_fill_(0, flat, 0)
+        pool.zero(pool.rows(held_layers, rows))
