@@ -33,8 +33,9 @@ def build_engine(
     batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, pool_rows,
                                      lora_dtype(loaded.device, loaded.dtype))
     if cfg.pack_weights:
-        packed, fused = pack_for_cpu(loaded.model, layers)  # the base linears inside the LoRA wrappers too
-        log.info("packed %d base linear layers for oneDNN; %d attentions with fused q/k/v", packed, fused)
+        packed, fused, mlps = pack_for_cpu(loaded.model, layers)  # the base linears inside the LoRA wrappers too
+        log.info("packed %d base linear layers for oneDNN; %d attentions with fused q/k/v, %d fused MLPs",
+                 packed, fused, mlps)
     return Engine(
         loaded.model, loaded.tokenizer, batch, layers, weights_for,
         max_batch_size=cfg.max_batch_size, pool_rows=pool_rows, max_queue=cfg.max_queue,

@@ -49,6 +49,11 @@ def _fused_norm(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor
         return norm if torch.equal(norm(probe), module(probe)) else module
 
 
+def _plus_module(mlp: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``residual + mlp(x)``: what a fused MLP (packed_mlp.PackedMLP) computes, for a module without one."""
+    return lambda x, residual: residual + mlp(x)
+
+
 class ModelRunner:
     """Runs prefill and decode steps of a causal LM over a slot-indexed KV cache."""
 
@@ -73,6 +78,7 @@ class ModelRunner:
         self.norms = [(_fused_norm(la.input_layernorm, self.dtype),
                        _fused_norm(la.post_attention_layernorm, self.dtype)) for la in self.layers]
         self.final_norm = _fused_norm(self.inner.norm, self.dtype)
+        self.mlps = [getattr(la.mlp, "fused_mlp", None) or _plus_module(la.mlp) for la in self.layers]
         self.alloc_len = 0
         self.initial_len = min(initial_len, max_len)
         self.K: list[torch.Tensor] = []
@@ -144,7 +150,7 @@ class ModelRunner:
         o = attend(i, q, k, v)  # (N, heads, T, D)
         N, _, T, _ = o.shape
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(N, T, self.n_heads * self.head_dim))
-        return h + layer.mlp(norm_post(h))
+        return self.mlps[i](norm_post(h), h)  # h + mlp(norm_post(h)); packed_mlp.py when fused
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.model.lm_head(self.final_norm(h_last)).float()  # (N, V)

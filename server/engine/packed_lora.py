@@ -36,6 +36,7 @@ from torch import nn
 from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable, packed_linear
 
 from .lora_layers import LoraBatch, SlotLoRALinear, per_row_term, stack_slots
+from .packed_mlp import fuse_mlp
 
 # Forwards on one slot layout before its gathered copies are packed. oneDNN takes plain weights too: packing a
 # term's two copies costs about 350 us, and saves 5 to 25 us per forward (16 rows: 78 against 99 us for q/k/v),
@@ -189,10 +190,11 @@ def _fusable(attn: nn.Module) -> bool:
             and len({b.in_features for b in bases}) == 1)
 
 
-def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear]) -> tuple[int, int]:
-    """Fuse each attention's q/k/v (while their plain weights exist), pack every packable base linear, and
-    give the wrapped layers whose base got packed the packed LoRA term. Returns (packed linears, fused
-    attentions); (0, 0) leaves the model as it was (float32, CUDA, or no oneDNN bf16)."""
+def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear]) -> tuple[int, int, int]:
+    """Fuse each attention's q/k/v (while their plain weights exist), pack every packable base linear, give the
+    wrapped layers whose base got packed the packed LoRA term, and fuse each gated MLP's products with its
+    activation and residual (packed_mlp.py). Returns (packed linears, fused attentions, fused MLPs); (0, 0, 0)
+    leaves the model as it was (float32, CUDA, or no oneDNN bf16)."""
     fused = 0
     for module in list(model.modules()):
         if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj")) and _fusable(module):
@@ -202,4 +204,9 @@ def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear]) -> tuple[i
     for layer in layers.values():
         if isinstance(layer.base, PackedLinear):
             layer.packed_term = PackedLoraTerm([layer])
-    return packed, fused
+    mlps = 0
+    for module in list(model.modules()):
+        if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            module.fused_mlp = fuse_mlp(module)
+            mlps += module.fused_mlp is not None
+    return packed, fused, mlps

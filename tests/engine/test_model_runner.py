@@ -63,13 +63,15 @@ def test_runner_matches_the_hf_model_in_float32(kind: str) -> None:
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
-def test_fused_qkv_runner_matches_the_plain_one_in_bf16(kind: str) -> None:
-    """With q/k/v packed into one product (bf16 on CPU), rotation and attention read views of that product."""
+def test_fused_runner_matches_the_plain_one_in_bf16(kind: str) -> None:
+    """With q/k/v packed into one product (bf16 on CPU), rotation and attention read views of that product; the
+    MLP's products carry its activation, gating and residual add (packed_mlp.py)."""
     model = _model(kind, torch.bfloat16)
     plain = _runner_logits(ModelRunner(model, max_rows=3, max_len=64), PROMPTS, STEPS)
-    if pack_for_cpu(model, {}) == (0, 0):
+    if pack_for_cpu(model, {}) == (0, 0, 0):
         pytest.skip("no oneDNN bf16 on this CPU")
     assert all(hasattr(layer.self_attn, "fused_qkv") for layer in model.model.layers)
+    assert all(layer.mlp.fused_mlp is not None for layer in model.model.layers)
     fused = _runner_logits(ModelRunner(model, max_rows=3, max_len=64), PROMPTS, STEPS)
     for a, b in zip(plain, fused):
         assert a.argmax(-1).tolist() == b.argmax(-1).tolist()

@@ -71,7 +71,7 @@ def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path:
         batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, pool_rows=2 * 8)
         if pack:
             n_layers = model.config.num_hidden_layers
-            assert pack_for_cpu(model, layers) == (len(layers) + 1, n_layers)  # + lm_head; q/k/v fused per layer
+            assert pack_for_cpu(model, layers) == (len(layers) + 1, n_layers, n_layers)  # + lm_head; q/k/v, MLP fused per layer
             assert all(isinstance(layer.base, PackedLinear) for layer in layers.values())
             assert all(layer.packed_term is not None for layer in layers.values())
         ranks = {}
