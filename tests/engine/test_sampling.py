@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine.sampling import RowSampler, SamplingParams, TextAssembler
+from server.engine.sampling import RowSampler, SamplingParams, TextAssembler, first_argmax
 from server.engine.slots import SlotTable
 
 
@@ -23,6 +23,28 @@ def test_greedy_and_top_k_1_pick_the_argmax() -> None:
     best = int(logits.argmax())
     assert RowSampler(SamplingParams(temperature=0))(logits) == best
     assert RowSampler(SamplingParams(temperature=1.0, top_k=1, seed=3))(logits) == best
+
+
+@pytest.mark.parametrize("vocab", [49152, 1000, 1001], ids=["blocks of 64", "blocks of 8", "no blocks"])
+def test_first_argmax_is_torchs_argmax_ties_nan_and_inf_included(vocab: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randint(-3, 4, (6, vocab), generator=g).float()  # every maximum is tied many times over
+    logits[1] = torch.randn(vocab, generator=g)
+    logits[2] = float("-inf")
+    logits[3, vocab // 2] = float("nan")
+    logits[4, -1] = 9.0  # the maximum in the last block
+    logits[5, 0] = 9.0  # and in the first
+    assert first_argmax(logits) == logits.argmax(-1).tolist()
+    assert first_argmax(logits)[4:] == [vocab - 1, 0]
+
+
+def test_a_greedy_row_takes_the_batch_argmax_unless_its_logits_are_shaped() -> None:
+    logits = torch.tensor([0.0, 5.0, 4.0, 2.5])
+    assert RowSampler(SamplingParams(temperature=0))(logits, argmax=1) == 1
+    # a bias moves the maximum: the batch's argmax (of the unshaped logits) no longer holds for this row
+    assert RowSampler(SamplingParams(temperature=0, logit_bias=((3, 3.0),)))(logits, argmax=1) == 3
+    s = RowSampler(SamplingParams(temperature=0, min_tokens=1), end_ids=frozenset({1}))
+    assert [s(logits, argmax=1), s(logits, argmax=1)] == [2, 1]
 
 
 def test_seed_reproducible_and_top_p_restricts_support() -> None:
