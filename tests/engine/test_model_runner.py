@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from server.engine import model_runner
 from server.engine.model_runner import ModelRunner
 from server.engine.packed_lora import pack_for_cpu
 
@@ -54,7 +55,10 @@ STEPS = [[7, 33, 2, 90], [15, 15, 4, 1], [60, 61, 62, 63]]
 
 
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
-def test_runner_matches_the_hf_model_in_float32(kind: str) -> None:
+@pytest.mark.parametrize("longest_plain", [model_runner.MATH_ATTENTION_MAX_T, 0], ids=["products", "fused kernel"])
+def test_runner_matches_the_hf_model_in_float32(kind: str, longest_plain: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill attention on plain products (short prompts) and on the fused kernel (long ones) alike."""
+    monkeypatch.setattr(model_runner, "MATH_ATTENTION_MAX_T", longest_plain)
     model = _model(kind, torch.float32)
     got = _runner_logits(ModelRunner(model, max_rows=3, max_len=64), PROMPTS, STEPS)
     for prompt, steps, logits in zip(PROMPTS, STEPS, got):
