@@ -21,8 +21,8 @@ from .sampling import TokenLogprob, token_logprobs
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SCORE_CHUNK = 256  # prompt positions whose vocabulary logits are materialised at once when scoring a prompt
-# Prompts up to this long attend with plain products; longer ones with the fused kernel. SmolLM2, 16 prompts, per
-# layer in bf16 on 2 cores: 64 tokens 1.0 ms against 2.4; 256 tokens 73 ms against 23 (its float32 scores).
+# On CPU, prompts up to this long attend with plain products; longer ones (and any on CUDA) with the fused kernel.
+# SmolLM2, 16 prompts, per layer in bf16 on 2 cores: 64 tokens 1.0 ms against 2.4; 256 tokens 73 ms against 23.
 MATH_ATTENTION_MAX_T = 128
 
 
@@ -181,16 +181,17 @@ class ModelRunner:
         row_idx = torch.tensor(rows, dtype=torch.long, device=self.device)
         h, rope = self._embed_positions(ids, pos)
         mask = causal.view(1, 1, T, T)  # padded queries attend causally; their outputs are never read
-        bias = torch.zeros(T, T, device=self.device).masked_fill_(~causal, float("-inf"))
+        plain = T <= MATH_ATTENTION_MAX_T and self.device.type == "cpu"
+        bias = torch.zeros(T, T, device=self.device).masked_fill_(~causal, float("-inf")) if plain else None
         group = self.n_heads // self.n_kv
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.K[i][row_idx, :, :T] = k
             self.V[i][row_idx, :, :T] = v
-            if T > MATH_ATTENTION_MAX_T:
+            if not plain:
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling,
                                                       enable_gqa=self.n_kv != self.n_heads)
-            # short prompts: plain products, a query group's heads stacked per KV head (bf16 scores in float32)
+            # a short prompt on CPU: plain products, a query group's heads stacked per KV head, scores in float32
             qg = q.reshape(N, self.n_kv, group * T, self.head_dim)
             scores = torch.matmul(qg, k.transpose(-1, -2)).view(N, self.n_kv, group, T, T)
             probs = torch.softmax(torch.add(bias, scores, alpha=self.scaling), dim=-1).to(v.dtype)
