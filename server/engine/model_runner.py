@@ -232,22 +232,25 @@ class ModelRunner:
         mask = (torch.arange(L, device=self.device).view(1, L) <= pos_t.view(n, 1)).view(n, 1, 1, L)
         rows = torch.arange(n, device=self.device)
 
-        bias = torch.zeros(n, 1, 1, L, dtype=torch.float32, device=self.device).masked_fill_(~mask, float("-inf"))
-        group = self.n_heads // self.n_kv
+        group, kv, D = self.n_heads // self.n_kv, self.n_kv, self.head_dim
+        # The mask as an additive bias in the model's dtype, one (g, L) block per row and KV head (built once a step)
+        bias = torch.zeros(n, 1, 1, L, dtype=self.dtype, device=self.device).masked_fill_(~mask, float("-inf"))
+        bias = bias.expand(n, kv, group, L).reshape(n * kv, group, L)
         # Where each row's new k/v go in a layer's cache seen as (rows * kv * L_alloc, D): one index_copy_.
-        heads = torch.arange(self.n_kv, device=self.device).view(1, -1)
-        at = ((rows.view(n, 1) * self.n_kv + heads) * self.alloc_len + pos_t.view(n, 1)).view(-1)  # (n * kv,)
+        heads = torch.arange(kv, device=self.device).view(1, -1)
+        at = ((rows.view(n, 1) * kv + heads) * self.alloc_len + pos_t.view(n, 1)).view(-1)  # (n * kv,)
 
         def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             K, V = self.K[i], self.V[i]
-            K.view(-1, self.head_dim).index_copy_(0, at, k.reshape(-1, self.head_dim))
-            V.view(-1, self.head_dim).index_copy_(0, at, v.reshape(-1, self.head_dim))
-            # One query per row: plain matmuls beat the fused kernel here (GQA heads grouped per KV head).
-            qg = q.reshape(n, self.n_kv, group, self.head_dim)  # (n, kv, g, D)
-            scores = torch.matmul(qg, K[:n, :, :L].transpose(-1, -2))  # (n, kv, g, L)
-            probs = torch.softmax(torch.add(bias, scores, alpha=self.scaling), dim=-1).to(v.dtype)  # in float32
-            out = torch.matmul(probs, V[:n, :, :L])  # (n, kv, g, D)
-            return out.view(n, self.n_heads, 1, self.head_dim)
+            K.view(-1, D).index_copy_(0, at, k.reshape(-1, D))
+            V.view(-1, D).index_copy_(0, at, v.reshape(-1, D))
+            # One query per row: batched products over (row, KV head), its group's heads stacked, beat the fused
+            # kernel; scale and mask ride on the first (baddbmm), the softmax runs in float32 as HF's does.
+            keys = K[:n, :, :L].reshape(n * kv, L, D)  # views: rows' kv heads are adjacent in the cache
+            scores = torch.baddbmm(bias, q.reshape(n * kv, group, D), keys.transpose(1, 2), alpha=self.scaling)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # (n * kv, g, L)
+            out = torch.bmm(probs, V[:n, :, :L].reshape(n * kv, L, D))  # (n * kv, g, D)
+            return out.view(n, self.n_heads, 1, D)
 
         for i in range(len(self.layers)):
             h = self._layer(i, h, rope, attend)
