@@ -38,18 +38,23 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
 
 def _fused_norm(module: nn.Module, dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     """HF's RMSNorm (normalise in float32, cast back, times the weight: eight ops) as one fused ``rms_norm`` and
-    two, when that gives the module's own values on a probe; any other norm stays the module itself."""
+    a product, when that gives the module's own values on a probe; any other norm stays the module itself.
+    ``rms_norm`` of a bf16 input normalises in float32 itself where torch's kernel does; else it is cast first."""
     w, eps = getattr(module, "weight", None), getattr(module, "variance_epsilon", None)
     if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float):
         return module
     shape = (w.shape[0],)
 
-    def norm(x: torch.Tensor) -> torch.Tensor:
+    def direct(x: torch.Tensor) -> torch.Tensor:
+        return w * F.rms_norm(x, shape, eps=eps)
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
         return w * F.rms_norm(x.float(), shape, eps=eps).to(x.dtype)
 
-    probe = torch.randn(4, shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, dtype) * 3
+    probe = torch.randn(64, shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, dtype) * 3
     with torch.inference_mode():
-        return norm if torch.equal(norm(probe), module(probe)) else module
+        want = module(probe)
+        return next((norm for norm in (direct, cast) if torch.equal(norm(probe), want)), module)
 
 
 def _plus_module(mlp: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
