@@ -131,18 +131,48 @@ def http_paths(url: str, base_id: str, names: list[str], concurrency: int, label
             (labels[1], lambda ps, new: http_run(url, lambda i: names[i % len(names)], ps, new, concurrency))]
 
 
+def _busy_jiffies() -> tuple[int, int] | None:
+    """(busy, total) CPU jiffies of the whole machine since boot, from /proc/stat (None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet(busy_below: float = 0.1, window_s: float = 0.5, max_wait_s: float = 20.0) -> float:
+    """Wait until the machine's CPUs are less than ``busy_below`` busy over ``window_s``; returns the seconds
+    waited. A server keeps spinning after its last request (vLLM-CPU: about 1.1 s of CPU), and the path measured
+    next would pay for it: on 2 cores, clora's base path ran at 203-218 tok/s right after a vLLM round against
+    267-280 alone. Every path waits alike."""
+    start = time.perf_counter()
+    before = _busy_jiffies()
+    while before is not None and time.perf_counter() - start < max_wait_s:
+        time.sleep(window_s)
+        after = _busy_jiffies()
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total and busy / total < busy_below:
+            break
+        before = after
+    return time.perf_counter() - start
+
+
 def measure(paths: list[Measured], warm: list[str], rounds: list[list[str]], new_tokens: int) -> dict[str, list[float]]:
     """tok/s of every path in every round, after a short warm-up of each: the paths interleaved within a round
     (so a slow phase of the machine falls on all of them), each round on prompts of its own (no cache or prefix
-    reuse across rounds)."""
+    reuse across rounds), each path once the machine is quiet (``wait_until_quiet``)."""
     for _, run in paths:
         run(warm, 4)
     out: dict[str, list[float]] = {label: [] for label, _ in paths}
     for r, prompts in enumerate(rounds):
         for label, run in paths:
+            waited = wait_until_quiet()
             secs, toks = run(prompts, new_tokens)
             out[label].append(toks / secs)
-            print(f"round {r + 1}: {label:58s} {toks / secs:9.1f} tok/s", flush=True)
+            print(f"round {r + 1}: {label:58s} {toks / secs:9.1f} tok/s   (waited {waited:.1f} s for quiet)",
+                  flush=True)
     return out
 
 
