@@ -86,6 +86,11 @@ class ModelRunner:
         self.norms = [(_fused_norm(la.input_layernorm, self.dtype),
                        _fused_norm(la.post_attention_layernorm, self.dtype)) for la in self.layers]
         self.final_norm = _fused_norm(self.inner.norm, self.dtype)
+        # How each layer's parts run, resolved once (not per layer per step): q/k/v as one packed product
+        # (packed_lora.FusedQKV) or three, qwen3's per-head norms, the MLP fused (packed_mlp.py) or the module.
+        self.fused_qkv = [getattr(la.self_attn, "fused_qkv", None) for la in self.layers]
+        self.qk_norms = [(la.self_attn.q_norm, la.self_attn.k_norm) if hasattr(la.self_attn, "q_norm") else None
+                         for la in self.layers]
         self.mlps = [getattr(la.mlp, "fused_mlp", None) or _plus_module(la.mlp) for la in self.layers]
         self.alloc_len = 0
         self.initial_len = min(initial_len, max_len)
@@ -134,27 +139,29 @@ class ModelRunner:
         cos, sin = self.inner.rotary_emb(h, pos)  # (N, T, D)
         return h, (cos.unsqueeze(2), (sin * self.sin_sign).unsqueeze(2))
 
-    def _qkv(self, attn: nn.Module, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, ...]:
-        """q (N, heads, T, D), k and v (N, kv heads, T, D): views of one product when q/k/v are fused (the
-        rotation runs once over q and k together)."""
+    def _qkv(self, i: int, x: torch.Tensor, rope: tuple) -> tuple[torch.Tensor, ...]:
+        """Layer i's q (N, heads, T, D), k and v (N, kv heads, T, D): views of one product when q/k/v are fused
+        (the rotation runs once over q and k together)."""
         N, T, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        fused = getattr(attn, "fused_qkv", None)  # packed_lora.FusedQKV: one product for the three
+        fused = self.fused_qkv[i]
         if fused is not None:
             qkv = fused.joint(x).view(N, T, H + 2 * KV, D)
             qk, v = qkv[:, :, : H + KV], qkv[:, :, H + KV:]
         else:
+            attn = self.layers[i].self_attn
             q, k = attn.q_proj(x).reshape(N, T, H, D), attn.k_proj(x).reshape(N, T, KV, D)
             qk, v = torch.cat((q, k), dim=2), attn.v_proj(x).reshape(N, T, KV, D)
-        if hasattr(attn, "q_norm"):  # qwen3: per-head norms before the rotation
-            qk = torch.cat((attn.q_norm(qk[:, :, :H]), attn.k_norm(qk[:, :, H:])), dim=2)
+        if self.qk_norms[i] is not None:  # qwen3: per-head norms before the rotation
+            q_norm, k_norm = self.qk_norms[i]
+            qk = torch.cat((q_norm(qk[:, :, :H]), k_norm(qk[:, :, H:])), dim=2)
         qk = _rope(qk, *rope)  # (N, T, H + KV, D)
         return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
     def _layer(self, i: int, h: torch.Tensor, rope: tuple, attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         layer = self.layers[i]
         norm_in, norm_post = self.norms[i]
-        q, k, v = self._qkv(layer.self_attn, norm_in(h), rope)
+        q, k, v = self._qkv(i, norm_in(h), rope)
         o = attend(i, q, k, v)  # (N, heads, T, D)
         N, _, T, _ = o.shape
         h = h + layer.self_attn.o_proj(o.transpose(1, 2).reshape(N, T, self.n_heads * self.head_dim))
