@@ -19,6 +19,8 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
     && python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+# a C compiler for the LoRA CPU kernel, which prepare-model builds into the model cache (the runtime needs none)
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server

@@ -27,14 +27,15 @@ model: $(STAMP)
 serve: model
 	$(BIN)/clora serve
 
-# Real services for the integration tests: redis-server and prometheus from Debian.
+# Real services for the integration tests: redis-server and prometheus from Debian; and a C compiler for the
+# LoRA CPU kernel (server/engine/lora_kernel.py), which its tests build.
 system-deps:
-	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null; then \
+	@if ! command -v redis-server >/dev/null || ! command -v prometheus >/dev/null || ! command -v cc >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus >/dev/null; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq redis-server prometheus gcc libc6-dev >/dev/null; \
 	fi
 
-test: model system-deps
+test: system-deps model
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 # Unit tests only (tiny random models), for quick iteration.

@@ -5,7 +5,7 @@ Builds the engine's model as the server does (wrapped layers, packed on CPU in b
 decode steps, alternating base-only and mixed batches (row i on adapter i mod 8) for --repeats rounds. Over HTTP
 one path's tok/s moves by 10-30% within minutes on this shared VM; steps timed a few milliseconds apart, in
 alternation, see the same machine. A third path runs the mixed batch with every LoRA term on oneDNN's packed calls
-(``SMALL_TERM = 0``), so ``--rows 1`` shows what the float32 path for small terms saves a single stream.
+(no compiled kernel, ``SMALL_TERM = 0``): what the kernel (server/engine/lora_kernel.py) saves.
 
     python bench/decode_step.py [--rows 16] [--steps 24] [--repeats 6] [--threads 2] [--dtype auto]
 """
@@ -79,12 +79,21 @@ def main() -> None:
         mix = [slots[i % 8] for i in range(args.rows)]
         base, mixed, onednn = [], [], []
         small = packed_lora.SMALL_TERM
+        terms = [t for m in engine.runner.model.modules()
+                 for t in (getattr(m, "term", None), getattr(m, "packed_term", None))
+                 if isinstance(t, packed_lora.PackedLoraTerm)]
+        kernels = [t.kernel for t in terms]
+        print(f"{sum(k is not None for k in kernels)} of {len(terms)} LoRA terms on the compiled kernel")
         for r in range(args.repeats):
             base.append(step_ms(engine, [-1] * args.rows, prompts, args.steps))
             mixed.append(step_ms(engine, mix, prompts, args.steps))
             packed_lora.SMALL_TERM = 0
+            for t in terms:
+                t.kernel = None
             onednn.append(step_ms(engine, mix, prompts, args.steps))
             packed_lora.SMALL_TERM = small
+            for t, k in zip(terms, kernels):
+                t.kernel = k
             print(f"round {r + 1}: base {base[-1]:.1f} ms, mixed {mixed[-1]:.1f} ms, mixed on oneDNN only "
                   f"{onednn[-1]:.1f} ms", flush=True)
     print(f"\ndevice={device} dtype={dtype} threads={torch.get_num_threads()} rows={args.rows} "

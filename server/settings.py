@@ -38,6 +38,7 @@ class EngineConfig(BaseModel):
     target_modules: tuple[str, ...]
     prefill_chunk: int
     pack_weights: bool
+    kernel_dir: Path | None  # where the compiled LoRA CPU kernel is built (lora_kernel.py); None: not used
 
 
 class RouterConfig(BaseModel):
@@ -87,6 +88,9 @@ class Settings(BaseSettings):
     max_queue: int = Field(256, ge=1, description="Waiting requests before 503 + Retry-After.")
     prefill_chunk: int = Field(16, ge=1, description="New rows prefilled together in one engine step.")
     pack_weights: bool = Field(True, description="Pre-pack bf16 base weights for oneDNN on CPU (checked per layer).")
+    lora_kernel: bool = Field(True, description=(
+        "Compute the bf16 LoRA term of decode steps with a small C kernel on CPU (built once with the system C "
+        "compiler into CLORA_MODEL_CACHE_DIR/kernels; without a compiler the oneDNN term serves)."))
     lora_target_modules: tuple[str, ...] = Field(
         DEFAULT_TARGET_MODULES, description="Linear layers that can carry adapters."
     )
@@ -150,6 +154,7 @@ class Settings(BaseSettings):
             max_batch_size=self.max_batch_size, max_loras=self.max_loras, max_cpu_loras=self.max_cpu_loras,
             max_lora_rank=self.max_lora_rank, max_queue=self.max_queue, target_modules=self.lora_target_modules,
             prefill_chunk=self.prefill_chunk, pack_weights=self.pack_weights,
+            kernel_dir=self.model_cache_dir / "kernels" if self.lora_kernel and self.pack_weights else None,
         )
 
     @property

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import torch
+
 from adapters_store.weights import AdapterWeights
 from base_model.loader import LoadedModel
 
 from ..settings import EngineConfig
 from .engine import Engine, EngineHooks
+from .lora_kernel import load_kernel
 from .lora_layers import lora_dtype, wrap_lora_layers
 from .packed_lora import pack_for_cpu
 from .slots import AdapterKey
@@ -33,7 +36,9 @@ def build_engine(
     batch, layers = wrap_lora_layers(loaded.model, cfg.target_modules, pool_rows,
                                      lora_dtype(loaded.device, loaded.dtype))
     if cfg.pack_weights:
-        packed, fused, mlps = pack_for_cpu(loaded.model, layers)  # the base linears inside the LoRA wrappers too
+        bf16_cpu = loaded.device.type == "cpu" and loaded.dtype == torch.bfloat16  # the only case packing takes
+        kernel = load_kernel(cfg.kernel_dir) if cfg.kernel_dir is not None and bf16_cpu and layers else None
+        packed, fused, mlps = pack_for_cpu(loaded.model, layers, kernel)  # the base linears inside the LoRA wrappers too
         log.info("packed %d base linear layers for oneDNN; %d attentions with fused q/k/v, %d fused MLPs",
                  packed, fused, mlps)
     return Engine(

@@ -20,12 +20,14 @@ which is exact per row (the masked-out products are exact zeros) and costs no Py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from adapters_store.weights import LoraPair
+
+T_ = TypeVar("T_")
 
 
 @dataclass
@@ -46,7 +48,7 @@ class LoraBatch:
     per_row: bool = False
     row_pos: list[int] = field(default_factory=list)
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
-    _flat: dict[tuple, torch.Tensor] = field(default_factory=dict)  # this step's masks, row indices and weights
+    _flat: dict[tuple, Any] = field(default_factory=dict)  # this step's masks, row indices and weights
     _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # pool row indices of this layout
 
     @property
@@ -57,6 +59,12 @@ class LoraBatch:
         self.mask, self.uniq_list, self.spans, self.slot_rows, self.per_row = None, [], [], [], False
         self.row_pos, self.layout = [], ()
         self._flat, self._rows = {}, {}
+
+    def step_value(self, key: tuple, build: Callable[[], T_]) -> T_:
+        """A value of this step's routing, built on first use (``build_lora_batch`` drops them)."""
+        if key not in self._flat:
+            self._flat[key] = build()
+        return self._flat[key]
 
     def rank_rows(self, buf: torch.Tensor) -> torch.Tensor:
         """The rank rows of the batch's slots, side by side, from a layer's pool ``buf (P + 1, f)``: ``(Σ rank, f)``.

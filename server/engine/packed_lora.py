@@ -35,6 +35,7 @@ from torch import nn
 
 from base_model.packed_linear import PackedLinear, pack_model_linears, pack_weight, packable, packed_linear
 
+from .lora_kernel import KERNEL_MAX_TOKENS, KernelBatch, KernelWeights, LoraKernel
 from .lora_layers import LoraBatch, SlotLoRALinear, per_row_term, stack_slots
 from .packed_mlp import fuse_mlp
 
@@ -69,9 +70,11 @@ class PackedLoraTerm:
     ``__call__(x, y)`` adds every layer's term to ``y``, whose last dimension is the layers' outputs side by
     side, and returns the sum (a new tensor)."""
 
-    def __init__(self, layers: list[SlotLoRALinear]) -> None:
+    def __init__(self, layers: list[SlotLoRALinear], kernel: LoraKernel | None = None) -> None:
         assert layers and len({layer.in_features for layer in layers}) == 1
         self.layers = layers
+        self.kernel = kernel
+        self.kernel_weights = KernelWeights.of(layers) if kernel is not None else None
         self.batch: LoraBatch = layers[0].batch
         self.outs = [layer.out_features for layer in layers]
         self._copies: OrderedDict[tuple, list] = OrderedDict()  # layout key -> [A, B, forwards], LRU order
@@ -140,6 +143,10 @@ class PackedLoraTerm:
             return per_row_term(x, y.view(*lead, -1), At, Bt, self.batch, len(self.layers)).view(y.shape)
         T = x.shape[1] if x.dim() == 3 else 1
         x2, y2 = x.reshape(-1, d), y.reshape(-1, y.shape[-1])
+        if self.kernel is not None and x2.shape[0] <= KERNEL_MAX_TOKENS:
+            y2 = y2.contiguous()  # a view of y where y is (it is the fresh output of the base product)
+            self.kernel.add_term(x2.contiguous(), y2, T, self.kernel_weights, KernelBatch.of(self.batch))
+            return y2.view(*lead, y.shape[-1])
         n = len(self.layers)
         if x2.shape[0] * n * self.batch.total_rank <= SMALL_TERM:
             At, Bt = self._small_weights()
@@ -158,7 +165,7 @@ class FusedQKV(nn.Module):
     Built from the three projections (each an ``nn.Linear`` or a ``SlotLoRALinear`` around one) before they
     are packed; they stay in place, so code that calls them one by one still works."""
 
-    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module) -> None:
+    def __init__(self, q: nn.Module, k: nn.Module, v: nn.Module, kernel: LoraKernel | None = None) -> None:
         super().__init__()
         parts = [q, k, v]
         bases = [p.base if isinstance(p, SlotLoRALinear) else p for p in parts]
@@ -168,7 +175,7 @@ class FusedQKV(nn.Module):
         self.bias = (None if all(x is None for x in biases) else torch.cat(
             [x if x is not None else bases[0].weight.new_zeros(n) for x, n in zip(biases, self.sizes)]))
         self.lora = [p for p in parts if isinstance(p, SlotLoRALinear)]
-        self.term = PackedLoraTerm(self.lora) if len(self.lora) == 3 else None
+        self.term = PackedLoraTerm(self.lora, kernel) if len(self.lora) == 3 else None
 
     def joint(self, x: torch.Tensor) -> torch.Tensor:
         """q, k and v side by side: (N, T, q + k + v) for ``x (N, T, in)``."""
@@ -190,7 +197,8 @@ def _fusable(attn: nn.Module) -> bool:
             and len({b.in_features for b in bases}) == 1)
 
 
-def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear]) -> tuple[int, int, int]:
+def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear],
+                 kernel: LoraKernel | None = None) -> tuple[int, int, int]:
     """Fuse each attention's q/k/v (while their plain weights exist), pack every packable base linear, give the
     wrapped layers whose base got packed the packed LoRA term, and fuse each gated MLP's products with its
     activation and residual (packed_mlp.py). Returns (packed linears, fused attentions, fused MLPs); (0, 0, 0)
@@ -198,12 +206,12 @@ def pack_for_cpu(model: nn.Module, layers: dict[str, SlotLoRALinear]) -> tuple[i
     fused = 0
     for module in list(model.modules()):
         if all(hasattr(module, n) for n in ("q_proj", "k_proj", "v_proj")) and _fusable(module):
-            module.fused_qkv = FusedQKV(module.q_proj, module.k_proj, module.v_proj)
+            module.fused_qkv = FusedQKV(module.q_proj, module.k_proj, module.v_proj, kernel)
             fused += 1
     packed = pack_model_linears(model)
     for layer in layers.values():
         if isinstance(layer.base, PackedLinear):
-            layer.packed_term = PackedLoraTerm([layer])
+            layer.packed_term = PackedLoraTerm([layer], kernel)
     mlps = 0
     for module in list(model.modules()):
         if all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj")):

@@ -12,6 +12,7 @@ from adapters_store.kinds import load_adapter_dir
 from server.engine.lora_layers import build_lora_batch, wrap_lora_layers
 from server.engine.model_runner import ModelRunner
 from base_model.packed_linear import PackedLinear, pack_linear, pack_model_linears, packable
+from server.engine.lora_kernel import load_kernel
 from server.engine.packed_lora import pack_for_cpu
 from server.settings import DEFAULT_TARGET_MODULES
 
@@ -58,20 +59,23 @@ def test_tied_weight_is_kept_untied_weight_is_dropped() -> None:
 @needs_packing
 def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """The whole runner in bf16: every row of a mixed batch (base + two adapters) packed (fused q/k/v, packed LoRA
-    terms) vs plain layers."""
+    terms on oneDNN, then on the compiled kernel) vs plain layers."""
     from transformers import AutoModelForCausalLM
 
     adapters = [make_peft_adapter(tiny_llama_dir, tmp_path / "a", r=4, seed=1),
                 make_peft_adapter(tiny_llama_dir, tmp_path / "b", r=8, seed=2, targets=tuple(DEFAULT_TARGET_MODULES))]
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 1000, (n,), generator=g).tolist() for n in (6, 9, 4)]
+    kernel = load_kernel(tmp_path / "kernels")
+    assert kernel is not None
     outs = []
-    for pack in (False, True):
+    for pack in (False, True, "kernel"):
         model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
         batch, layers = wrap_lora_layers(model, DEFAULT_TARGET_MODULES, pool_rows=2 * 8)
         if pack:
             n_layers = model.config.num_hidden_layers
-            assert pack_for_cpu(model, layers) == (len(layers) + 1, n_layers, n_layers)  # + lm_head; q/k/v, MLP fused per layer
+            assert pack_for_cpu(model, layers, kernel if pack == "kernel" else None) == (
+                len(layers) + 1, n_layers, n_layers)  # + lm_head; q/k/v, MLP fused per layer
             assert all(isinstance(layer.base, PackedLinear) for layer in layers.values())
             assert all(layer.packed_term is not None for layer in layers.values())
         ranks = {}
@@ -86,8 +90,8 @@ def test_mixed_adapter_batch_packed_equals_plain(tiny_llama_dir: Path, tmp_path:
         nxt = [int(r.argmax()) for r in first]
         second = runner.decode(nxt, [len(p) for p in prompts])
         outs.append((first, second))
-    (p0, d0), (p1, d1) = outs
-    for plain, packed in ((p0, p1), (d0, d1)):
+    (p0, d0), (p1, d1), (p2, d2) = outs
+    for plain, packed in ((p0, p1), (d0, d1), (p0, p2), (d0, d2)):
         scale = plain.abs().max().item()
         assert (plain - packed).abs().max().item() <= 0.02 * scale
         assert [int(r.argmax()) for r in plain] == [int(r.argmax()) for r in packed]

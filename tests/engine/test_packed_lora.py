@@ -9,6 +9,7 @@ from torch import nn
 from server.engine.lora_layers import LoraBatch, SlotLoRALinear, build_lora_batch
 from base_model.packed_linear import packable
 from server.engine import packed_lora
+from server.engine.lora_kernel import LoraKernel, load_kernel
 from server.engine.packed_lora import PACK_AFTER, FusedQKV, PackedLoraTerm
 
 pytestmark = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
@@ -17,8 +18,22 @@ pytestmark = pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16))
 IN, OUTS = 48, (48, 16, 16)
 ROWS = {0: [9, 3, 4, 12], 1: list(range(5, 9)) + [0, 1, 2, 15]}  # slots' pool rows, scattered as after evictions
 RANKS = {s: len(rows) for s, rows in ROWS.items()}
-# Every term of these tests on one path: oneDNN's packed calls, or float32 BLAS for small terms (SMALL_TERM).
-TERM_PATHS = pytest.mark.parametrize("small_term", [0, 10**9], ids=["onednn", "float32"])
+# Every term of these tests on one path: oneDNN's packed calls, float32 BLAS for small terms (SMALL_TERM), or the
+# compiled kernel (lora_kernel.py, for terms of few tokens; the per-row prefill path never takes it).
+TERM_PATHS = pytest.mark.parametrize("path", ["onednn", "float32", "kernel"])
+
+
+@pytest.fixture(scope="module")
+def lora_kernel(tmp_path_factory: pytest.TempPathFactory) -> LoraKernel:
+    kernel = load_kernel(tmp_path_factory.mktemp("kernels"))
+    assert kernel is not None, "the LoRA kernel did not build (see the log): is there a C compiler?"
+    return kernel
+
+
+def _term_path(path: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> LoraKernel | None:
+    """Route every term to ``path``; the kernel to hand the terms (None but for "kernel")."""
+    monkeypatch.setattr(packed_lora, "SMALL_TERM", 10**9 if path == "float32" else 0)
+    return request.getfixturevalue("lora_kernel") if path == "kernel" else None
 
 
 def _projections(batch: LoraBatch, seed: int = 0) -> list[SlotLoRALinear]:
@@ -61,12 +76,12 @@ def _assert_close(got: list[torch.Tensor], want: list[torch.Tensor]) -> None:
 
 @TERM_PATHS
 @pytest.mark.parametrize(("T", "per_row"), [(1, False), (5, False), (5, True)])
-def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool, small_term: int,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packed_lora, "SMALL_TERM", small_term)
+def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool, path: str, monkeypatch: pytest.MonkeyPatch,
+                                                  request: pytest.FixtureRequest) -> None:
+    kernel = _term_path(path, monkeypatch, request)
     batch = LoraBatch()
     layers = _projections(batch)
-    fused = FusedQKV(*layers)
+    fused = FusedQKV(*layers, kernel=kernel)
     x = torch.randn(4, T, IN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     gate = torch.tensor([0.25, 0.25, 1.0, 1.0])  # a gated row: per-rank weights of slot 0
     build_lora_batch(batch, [0, 0, -1, 1], [None, gate, None, None], ROWS, torch.device("cpu"), torch.float32,
@@ -83,13 +98,14 @@ def test_fused_qkv_matches_the_three_plain_layers(T: int, per_row: bool, small_t
 
 @TERM_PATHS
 @pytest.mark.parametrize("per_row", [False, True], ids=["masked", "per-row"])
-def test_packed_term_follows_rewritten_slots_and_new_layouts(per_row: bool, small_term: int,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(packed_lora, "SMALL_TERM", small_term)
+def test_packed_term_follows_rewritten_slots_and_new_layouts(per_row: bool, path: str,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             request: pytest.FixtureRequest) -> None:
+    kernel = _term_path(path, monkeypatch, request)
     batch = LoraBatch()
     layers = _projections(batch)
-    fused = FusedQKV(*layers)
-    term_q = PackedLoraTerm([layers[0]])  # the single-layer form o_proj and the MLP use
+    fused = FusedQKV(*layers, kernel=kernel)
+    term_q = PackedLoraTerm([layers[0]], kernel)  # the single-layer form o_proj and the MLP use
     x = torch.randn(3, 1, IN, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
     g = torch.Generator().manual_seed(3)
     seen = []
