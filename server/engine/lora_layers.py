@@ -50,6 +50,8 @@ class LoraBatch:
     layout: tuple = ()  # (slots, spans) as one hashable value: what the layers' gathered copies are keyed on
     _flat: dict[tuple, Any] = field(default_factory=dict)  # this step's masks, row indices and weights
     _rows: dict[tuple, torch.Tensor] = field(default_factory=dict)  # pool row indices of this layout
+    _inputs: tuple = ()  # what the batch was built from (``build_lora_batch``), and the rows' rank weights
+    _weights: list = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -58,7 +60,7 @@ class LoraBatch:
     def clear(self) -> None:
         self.mask, self.uniq_list, self.spans, self.slot_rows, self.per_row = None, [], [], [], False
         self.row_pos, self.layout = [], ()
-        self._flat, self._rows = {}, {}
+        self._flat, self._rows, self._inputs, self._weights = {}, {}, (), []
 
     def step_value(self, key: tuple, build: Callable[[], T_]) -> T_:
         """A value of this step's routing, built on first use (``build_lora_batch`` drops them)."""
@@ -147,6 +149,11 @@ def build_lora_batch(
     if not uniq_list:
         batch.clear()
         return
+    inputs = (tuple(row_slots), tuple(tuple(slot_rows[s]) for s in uniq_list), device, dtype, per_row)
+    if inputs == batch._inputs and len(row_rank_weights) == len(batch._weights) and all(
+            a is b for a, b in zip(row_rank_weights, batch._weights)):
+        return  # the rows of the step before (a decode step between admissions): its masks and copies hold
+    batch._inputs, batch._weights = inputs, list(row_rank_weights)
     spans, start = [], 0
     for s in uniq_list:
         spans.append((start, len(slot_rows[s])))

@@ -103,3 +103,22 @@ def test_kernel_rejects_mismatched_shapes(kernel_dir: Path) -> None:
     with pytest.raises(AssertionError, match="contiguous bf16"):
         kernel.add_term(x.float(), torch.zeros(2, sum(OUTS), dtype=torch.bfloat16), 1, KernelWeights.of(layers),
                         KernelBatch.of(batch))
+
+
+def test_a_decode_step_on_the_same_rows_keeps_the_batch_a_change_rebuilds_it() -> None:
+    """``build_lora_batch`` on the rows of the step before keeps what was built from them (the kernel's arrays,
+    the masks); new rows, a new slot layout or a new gate tensor rebuild them."""
+    batch = LoraBatch()
+    cpu = torch.device("cpu")
+    g1, g2 = torch.tensor([1.0, 0.5, 0.25, 2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0, 3.0])
+    build_lora_batch(batch, [0, 1], [None, g1], ROWS, cpu, torch.bfloat16)
+    first = KernelBatch.of(batch)
+    build_lora_batch(batch, [0, 1], [None, g1], ROWS, cpu, torch.bfloat16)
+    assert KernelBatch.of(batch) is first
+    build_lora_batch(batch, [0, 1], [None, g2], ROWS, cpu, torch.bfloat16)
+    assert torch.equal(KernelBatch.of(batch).w[1], g2) and torch.equal(first.w[1], g1)
+    build_lora_batch(batch, [1, 0], [g2, None], ROWS, cpu, torch.bfloat16)
+    assert torch.equal(KernelBatch.of(batch).w[0], g2) and batch.row_pos == [1, 0]
+    moved = {0: [1, 3, 6], 1: ROWS[1]}  # slot 0 written elsewhere in the pools
+    build_lora_batch(batch, [1, 0], [g2, None], moved, cpu, torch.bfloat16)
+    assert KernelBatch.of(batch).tensors[1][0, :3].tolist() == [1, 3, 6]
