@@ -34,7 +34,7 @@ from .lora_layers import LoraBatch, SlotLoRALinear
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_term.c")
-FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp"]
 SIMD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
 # Terms of more tokens than this run on oneDNN: it uses every core and its products pay off at that size
 # (a 64-token prefill on one adapter: 1024 x 48 shrink in oneDNN against 64 single-threaded dot loops per rank).
@@ -92,7 +92,7 @@ class LoraKernel:
         P, I = ctypes.c_void_p, ctypes.c_int  # noqa: E741
         self._term = lib.lora_term_bf16
         self._term.restype = I
-        self._term.argtypes = [I, I, I, P, P, I, I, P, P, P, P, P, P, P, I, P]
+        self._term.argtypes = [I, I, I, P, P, I, I, P, P, P, P, P, I, P, P, I, P]
         self.simd = bool(lib.lora_term_simd())
         self.path = path
 
@@ -104,8 +104,9 @@ class LoraKernel:
             f"x {x.dtype} {tuple(x.stride())}, y {y.dtype} {tuple(y.stride())}: contiguous bf16 expected"
         assert d == weights.in_features and y.shape == (M, weights.out_total) and M == rows.n_rows * T, \
             f"x {tuple(x.shape)}, y {tuple(y.shape)}, {rows.n_rows} rows of {T} tokens, layers {weights.in_features}"
-        if self._term(M, T, d, x.data_ptr(), y.data_ptr(), weights.out_total, weights.n, *weights.pointers,
-                      *rows.pointers, rows.max_rank, rows.w.data_ptr()) != 0:
+        row_slot, pool_rows, ranks = rows.pointers
+        if self._term(M, T, d, x.data_ptr(), y.data_ptr(), weights.out_total, weights.n, *weights.pointers, row_slot,
+                      rows.n_slots, pool_rows, ranks, rows.max_rank, rows.w.data_ptr()) != 0:
             raise MemoryError("lora_term_bf16 could not allocate its scratch")
 
 
@@ -152,6 +153,7 @@ class KernelBatch:
     slot's pool rows and rank, each row's weight per rank (1, or a GainLoRA gate)."""
 
     n_rows: int
+    n_slots: int
     max_rank: int
     w: torch.Tensor  # (N, R) float32
     tensors: tuple[torch.Tensor, ...]
@@ -177,4 +179,4 @@ class KernelBatch:
                 w[i, :r] = mask[i, 0, first:first + r]
         arrays = (torch.tensor(b.row_pos, dtype=torch.int32), rows,
                   torch.tensor([r for _, r in b.spans], dtype=torch.int32))
-        return KernelBatch(N, R, w, arrays, tuple(a.data_ptr() for a in arrays))  # type: ignore[arg-type]
+        return KernelBatch(N, len(b.slot_rows), R, w, arrays, tuple(a.data_ptr() for a in arrays))  # type: ignore[arg-type]

@@ -101,31 +101,40 @@ static void expand(bf16 *yr, const float *h, const bf16 *B, const int *rows, int
 
 int lora_term_simd(void) { return SIMD; }
 
-/* Returns 0, or -1 when it could not allocate its scratch (y untouched then). */
+/* The slots' work is spread over the OpenMP threads, a slot at a time: each thread reads only its slots' rows
+ * (the pools are cold in cache every step, so the term is bound by those reads). Built with -fopenmp, this library
+ * binds to the libgomp already loaded (torch's: same soname), so it uses torch's threads, not a second pool.
+ * Returns 0, or -1 when it could not allocate its scratch (y untouched then). */
 int lora_term_bf16(int M, int T, int in, const bf16 *x, bf16 *y, int y_cols, int n, const int64_t *A_ptrs,
-                   const int64_t *B_ptrs, const int *out_off, const int *out_dim, const int *row_slot,
+                   const int64_t *B_ptrs, const int *out_off, const int *out_dim, const int *row_slot, int U,
                    const int *rows, const int *ranks, int R, const float *w) {
-    int max_out = 0;
+    int max_out = 0, failed = 0;
     for (int j = 0; j < n; j++)
         if (out_dim[j] > max_out) max_out = out_dim[j];
-    float *h = malloc(sizeof(float) * ((size_t)n * R + max_out)); /* (n, R) then the expand's (max_out,) */
-    if (!h) return -1;
-    float *acc = h + (size_t)n * R;
-    for (int m = 0; m < M; m++) {
-        int i = m / T, u = row_slot[i];
-        if (u < 0) continue;
-        const int *ur = rows + (size_t)u * R;
-        const float *wi = w + (size_t)i * R;
-        const bf16 *xm = x + (int64_t)m * in;
-        int rank = ranks[u];
-        for (int j = 0; j < n; j++) {
-            const bf16 *A = (const bf16 *)(intptr_t)A_ptrs[j];
-            for (int r = 0; r < rank; r++) h[j * R + r] = wi[r] * dot(xm, A + (int64_t)ur[r] * in, in);
+#pragma omp parallel for schedule(dynamic, 1) reduction(| : failed)
+    for (int u = 0; u < U; u++) {
+        float *h = malloc(sizeof(float) * ((size_t)n * R + max_out)); /* (n, R) then the expand's (max_out,) */
+        if (!h) {
+            failed = 1;
+            continue;
         }
-        for (int j = 0; j < n; j++)
-            expand(y + (int64_t)m * y_cols + out_off[j], h + j * R, (const bf16 *)(intptr_t)B_ptrs[j], ur, rank,
-                   out_dim[j], acc);
+        float *acc = h + (size_t)n * R;
+        const int *ur = rows + (size_t)u * R;
+        int rank = ranks[u];
+        for (int m = 0; m < M; m++) {
+            int i = m / T;
+            if (row_slot[i] != u) continue;
+            const float *wi = w + (size_t)i * R;
+            const bf16 *xm = x + (int64_t)m * in;
+            for (int j = 0; j < n; j++) {
+                const bf16 *A = (const bf16 *)(intptr_t)A_ptrs[j];
+                for (int r = 0; r < rank; r++) h[j * R + r] = wi[r] * dot(xm, A + (int64_t)ur[r] * in, in);
+            }
+            for (int j = 0; j < n; j++)
+                expand(y + (int64_t)m * y_cols + out_off[j], h + j * R, (const bf16 *)(intptr_t)B_ptrs[j], ur,
+                       rank, out_dim[j], acc);
+        }
+        free(h);
     }
-    free(h);
-    return 0;
+    return failed ? -1 : 0;
 }

@@ -19,8 +19,10 @@ copies of the slots' weights, stacked once per layout (lora_layers.stack_slots),
 slots' ranks. Measured on SmolLM2, prompts of 64 tokens, 8 adapters (r 8 and 16), base / mask / per-slot
 segments (the previous way) / per row, ms: 15 rows 703 / 832 / 767 / 727; 8 rows 428 / 498 / 521 / 467;
 3 rows 154 / 182 / 194 / 169.
-A term of few tokens on few ranks (``SMALL_TERM``: one stream's decode step, a short prompt's prefill on one adapter)
-runs as two float32 BLAS products on transposed copies instead, kept like the others: oneDNN's fixed cost per call
+A term of few tokens (``KERNEL_MAX_TOKENS``: a decode step, a short prompt) goes to the compiled kernel when there is
+one (lora_kernel.py): every token on its own slot's ranks only, read from the pools in place. Without it, a term of
+few tokens on few ranks (``SMALL_TERM``: one stream's decode step, a short prompt's prefill on one adapter) runs as
+two float32 BLAS products on transposed copies instead, kept like the others: oneDNN's fixed cost per call
 outweighs such products.
 bf16 on CPU only; everything else keeps the plain path.
 """
