@@ -226,6 +226,7 @@ def main() -> None:
            "CLORA_MAX_BATCH_SIZE": str(args.concurrency), "CLORA_MAX_LORAS": "8"}
     if args.threads:
         env["CLORA_NUM_THREADS"] = str(args.threads)
+    wait_until_quiet()  # as every path does: a vLLM server started just before still spins
     t_start = time.perf_counter()
     with ServerProcess(env, work / "server.log") as srv:
         ready_s = time.perf_counter() - t_start

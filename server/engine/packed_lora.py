@@ -70,7 +70,8 @@ class PackedLoraTerm:
     """The LoRA term of ``layers`` (all reading one input) as one shrink and one expand on oneDNN.
 
     ``__call__(x, y)`` adds every layer's term to ``y``, whose last dimension is the layers' outputs side by
-    side, and returns the sum (a new tensor)."""
+    side, and returns the sum: ``y`` updated in place by the kernel (a term of at most ``KERNEL_MAX_TOKENS``
+    tokens), a new tensor otherwise. ``y`` is the base product's fresh output, which nothing else holds."""
 
     def __init__(self, layers: list[SlotLoRALinear], kernel: LoraKernel | None = None) -> None:
         assert layers and len({layer.in_features for layer in layers}) == 1
@@ -140,15 +141,15 @@ class PackedLoraTerm:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         *lead, d = x.shape
-        if self.batch.per_row:  # x (N, T, in)
-            At, Bt = self._stacked()
-            return per_row_term(x, y.view(*lead, -1), At, Bt, self.batch, len(self.layers)).view(y.shape)
         T = x.shape[1] if x.dim() == 3 else 1
         x2, y2 = x.reshape(-1, d), y.reshape(-1, y.shape[-1])
         if self.kernel is not None and x2.shape[0] <= KERNEL_MAX_TOKENS:
-            y2 = y2.contiguous()  # a view of y where y is (it is the fresh output of the base product)
+            y2 = y2.contiguous()  # y itself, as a rule: the fresh output of the base product
             self.kernel.add_term(x2.contiguous(), y2, T, self.kernel_weights, KernelBatch.of(self.batch))
             return y2.view(*lead, y.shape[-1])
+        if self.batch.per_row:  # x (N, T, in)
+            At, Bt = self._stacked()
+            return per_row_term(x, y.view(*lead, -1), At, Bt, self.batch, len(self.layers)).view(y.shape)
         n = len(self.layers)
         if x2.shape[0] * n * self.batch.total_rank <= SMALL_TERM:
             At, Bt = self._small_weights()

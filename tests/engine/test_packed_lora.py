@@ -138,3 +138,25 @@ def test_a_prefill_between_decode_steps_keeps_the_decode_layouts_copies() -> Non
     again = weights_for([0, 1, -1])
     assert again[0] is decode[0] and again[1] is decode[1]  # reused, not gathered again
     assert prefill[0].shape[0] == RANKS[1] and decode[0].shape[0] == RANKS[0] + RANKS[1]
+
+
+def test_the_kernel_takes_terms_of_few_tokens_and_onednn_the_rest(lora_kernel: LoraKernel,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packed_lora, "KERNEL_MAX_TOKENS", 8)
+    calls = []
+
+    class Counting:
+        def add_term(self, x: torch.Tensor, *args: object) -> None:
+            calls.append(x.shape[0])
+            lora_kernel.add_term(x, *args)  # type: ignore[arg-type]
+
+    batch = LoraBatch()
+    layers = _projections(batch)
+    fused = FusedQKV(*layers, kernel=Counting())  # type: ignore[arg-type]
+    for T, per_row, expect in ((1, False, [4]), (2, True, [8]), (3, False, []), (3, True, [])):
+        calls.clear()
+        x = torch.randn(4, T, IN, generator=torch.Generator().manual_seed(T)).to(torch.bfloat16)
+        build_lora_batch(batch, [0, 1, -1, 1], [None] * 4, ROWS, torch.device("cpu"), torch.float32, per_row=per_row)
+        with torch.inference_mode():
+            _assert_close(list(fused(x)), _plain(layers, x))
+        assert calls == expect, (T, per_row, calls)  # 4 rows x T tokens against at most 8
