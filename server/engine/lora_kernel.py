@@ -3,10 +3,11 @@ rows only, read in place from the layers' pools (lora_term.c).
 
 The oneDNN term (packed_lora.py) multiplies every token by every slot of the batch (the mask method) and pays
 oneDNN's fixed cost twice per term; on a decode step of 16 rows over 8 adapters (r 8 and 16) that is 8 times the
-useful products. Measured per term on the 2-core bf16 CPU, oneDNN / this kernel, us: q/k/v 78-90 / 21-27,
-o 47-55 / 12-15: about 2.5 ms of a 45 ms step over SmolLM2's 30 layers. It reads the pools as they are, so a slot
-write needs no gathered copy either. It runs single-threaded, so a large term (a long prefill) stays on oneDNN
-(``KERNEL_MAX_TOKENS``).
+useful products. Measured per term on the 2-core bf16 CPU, with the weights in cache, oneDNN / this kernel, us:
+q/k/v 78-90 / 18-27, o 47-55 / 10-15. It reads the pools as they are, so a slot write needs no gathered copy.
+Within a step the pools are cold (the base weights stream through the cache), so the term is bound by reading
+them; the slots are spread over torch's OpenMP threads, so each core reads only its own slots' rows. A term on one
+adapter therefore runs on one thread, and large terms (prefills) stay on oneDNN (``KERNEL_MAX_TOKENS``).
 
 Built once per machine and source with the system C compiler into ``<model cache>/kernels`` and loaded with
 ctypes (which releases the interpreter lock for the call): with AVX512-BF16 where /proc/cpuinfo reports it,
@@ -36,8 +37,9 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_term.c")
 FLAGS = ["-O3", "-std=c11", "-shared", "-fPIC", "-fopenmp"]
 SIMD_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-# Terms of more tokens than this run on oneDNN: it uses every core and its products pay off at that size
-# (a 64-token prefill on one adapter: 1024 x 48 shrink in oneDNN against 64 single-threaded dot loops per rank).
+# Terms of more tokens than this run on oneDNN (or its per-row form), whose products pay off at that size and use
+# every core even on one adapter. 16 prompts of 64 tokens over 8 adapters prefill in the same time either way
+# (746 against 748 ms; base 709).
 KERNEL_MAX_TOKENS = 64
 
 
@@ -49,22 +51,18 @@ def cpu_has_avx512_bf16() -> bool:
         return False
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def build_kernel(cache_dir: Path, simd: bool) -> Path:
+def build_kernel(cache_dir: Path, simd: bool, cc: str | None = None) -> Path:
     """The shared library for this source and flags, compiled into ``cache_dir`` unless it is there (a cache
     prepared elsewhere, as in the Docker image, needs no compiler); written under a temporary name, then renamed, so
     concurrent starts never load half a file. The flags name the instruction set, so it runs on any CPU that has
-    it (``load_kernel`` picks by /proc/cpuinfo)."""
+    it (``load_kernel`` picks by /proc/cpuinfo). ``cc``: the compiler (default: ``cc`` or ``gcc`` on PATH)."""
     flags = FLAGS + (SIMD_FLAGS if simd else [])
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags]).encode()).hexdigest()[:16]
     variant = "avx512bf16" if simd else "portable"
     out = cache_dir / f"lora_term-{variant}-{key}.so"
     if out.exists():
         return out
-    cc = _compiler()
+    cc = cc or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -110,12 +108,12 @@ class LoraKernel:
             raise MemoryError("lora_term_bf16 could not allocate its scratch")
 
 
-def load_kernel(cache_dir: Path, simd: bool | None = None) -> LoraKernel | None:
+def load_kernel(cache_dir: Path, simd: bool | None = None, cc: str | None = None) -> LoraKernel | None:
     """Build (once) and load the kernel; None, with the reason logged, where that is not possible.
-    ``simd``: the AVX512-BF16 build (default: when the CPU reports it)."""
+    ``simd``: the AVX512-BF16 build (default: when the CPU reports it); ``cc``: see ``build_kernel``."""
     simd = cpu_has_avx512_bf16() if simd is None else simd
     try:
-        kernel = LoraKernel(build_kernel(cache_dir, simd))
+        kernel = LoraKernel(build_kernel(cache_dir, simd, cc))
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         log.warning("LoRA CPU kernel unavailable, the oneDNN term serves instead: %s", e)
         return None
