@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from base_model.packed_linear import packable
-from tests.engine.peft_helpers import make_peft_adapter
+from tests.engine.peft_helpers import make_peft_adapter, peft_alone
 from tests.server_proc import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not packable(nn.Linear(4, 4).to(torch.bfloat16)),
@@ -38,13 +38,7 @@ def bf16_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def _first_token_f32(smollm2_dir: Path, adapter: Path | None, prompt: str) -> tuple[str, float]:
     """Float32 PEFT alone: the greedy first token and its logprob."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
+    tok, model = peft_alone(smollm2_dir, adapter)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, -1].float(), dim=-1)

@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from tests.engine.peft_helpers import make_peft_adapter
+from tests.engine.peft_helpers import make_peft_adapter, peft_alone
 from tests.server_proc import TEST_DEVICE, ServerProcess
 
 pytestmark = pytest.mark.slow
@@ -31,13 +31,7 @@ def smol_server(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def _peft_greedy(smollm2_dir: Path, adapter: Path | None, prompt: str, n: int) -> str:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_dir)
-    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, adapter).eval()
+    tok, model = peft_alone(smollm2_dir, adapter)
     ids = tok(prompt, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=tok.eos_token_id)

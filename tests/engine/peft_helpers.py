@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -23,6 +24,18 @@ def make_peft_adapter(base_dir: Path, out: Path, r: int, seed: int,
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def peft_alone(base_dir: Path, adapter: Path | None) -> tuple[Any, torch.nn.Module]:
+    """(tokenizer, model): the base in float32 with ``adapter`` alone on it (None: the base), the reference the
+    server's rows are checked against."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return AutoTokenizer.from_pretrained(base_dir), model
 
 
 def fixed_rows(ranks: dict[int, int], width: int) -> dict[int, list[int]]:
