@@ -55,7 +55,8 @@ def build_kernel(cache_dir: Path, simd: bool, cc: str | None = None) -> Path:
     """The shared library for this source and flags, compiled into ``cache_dir`` unless it is there (a cache
     prepared elsewhere, as in the Docker image, needs no compiler); written under a temporary name, then renamed, so
     concurrent starts never load half a file. The flags name the instruction set, so it runs on any CPU that has
-    it (``load_kernel`` picks by /proc/cpuinfo). ``cc``: the compiler (default: ``cc`` or ``gcc`` on PATH)."""
+    it (``load_kernel`` picks by /proc/cpuinfo). ``cc``: the compiler (default: ``cc`` or ``gcc`` on PATH). Raises
+    RuntimeError (no compiler, a failed or timed-out build) or OSError."""
     flags = FLAGS + (SIMD_FLAGS if simd else [])
     key = hashlib.sha256("\0".join([SOURCE.read_text(), *flags]).encode()).hexdigest()[:16]
     variant = "avx512bf16" if simd else "portable"
@@ -69,7 +70,10 @@ def build_kernel(cache_dir: Path, simd: bool, cc: str | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        try:
+            done = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        except subprocess.SubprocessError as e:
+            raise RuntimeError(f"{cc}: {e}") from e
         if done.returncode != 0:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -114,7 +118,7 @@ def load_kernel(cache_dir: Path, simd: bool | None = None, cc: str | None = None
     simd = cpu_has_avx512_bf16() if simd is None else simd
     try:
         kernel = LoraKernel(build_kernel(cache_dir, simd, cc))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+    except (OSError, RuntimeError) as e:
         log.warning("LoRA CPU kernel unavailable, the oneDNN term serves instead: %s", e)
         return None
     log.info("LoRA CPU kernel loaded (%s): %s", "AVX512-BF16" if kernel.simd else "portable C", kernel.path)
@@ -164,17 +168,10 @@ class KernelBatch:
 
     @staticmethod
     def _build(b: LoraBatch) -> "KernelBatch":
-        assert b.mask is not None
-        R, N = b.max_rank, len(b.row_pos)
-        rows = torch.zeros(len(b.slot_rows), R, dtype=torch.int32)
-        for u, slot_rows in enumerate(b.slot_rows):
-            rows[u, :len(slot_rows)] = torch.tensor(list(slot_rows), dtype=torch.int32)
-        w = torch.zeros(N, R)
-        mask = b.mask.float()
-        for i, u in enumerate(b.row_pos):
-            if u >= 0:
-                first, r = b.spans[u]
-                w[i, :r] = mask[i, 0, first:first + r]
+        R = b.max_rank
+        w = b.row_weights(1, torch.float32).view(-1, R)  # (N, R): the per-row form's weights, one copy
+        rows = torch.tensor([[*r, *[0] * (R - len(r))] for r in b.slot_rows], dtype=torch.int32)  # (U, R)
         arrays = (torch.tensor(b.row_pos, dtype=torch.int32), rows,
                   torch.tensor([r for _, r in b.spans], dtype=torch.int32))
-        return KernelBatch(N, len(b.slot_rows), R, w, arrays, tuple(a.data_ptr() for a in arrays))  # type: ignore[arg-type]
+        return KernelBatch(len(b.row_pos), len(b.slot_rows), R, w, arrays,
+                           tuple(a.data_ptr() for a in arrays))  # type: ignore[arg-type]

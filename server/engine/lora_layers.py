@@ -98,36 +98,38 @@ class LoraBatch:
 
     def row_index(self, device: torch.device) -> torch.Tensor:
         """``(N,)``: each row's index into ``uniq_list`` (0 for a base row, whose weights are all zero)."""
-        key = ("rows", device)
-        if key not in self._flat:
-            self._flat[key] = torch.tensor([max(u, 0) for u in self.row_pos], dtype=torch.long, device=device)
-        return self._flat[key]
+        return self.step_value(("rows", device), lambda: torch.tensor([max(u, 0) for u in self.row_pos],
+                                                                       dtype=torch.long, device=device))
 
     def row_weights(self, copies: int, dtype: torch.dtype) -> torch.Tensor:
         """``(N, 1, copies·max_rank)``: row i's mask on its own slot's ranks, in each of ``copies`` blocks of
         ``max_rank`` columns (the layout of ``stack_slots``); zero past the slot's rank and on base rows."""
         assert self.mask is not None
-        key = ("row weights", copies, dtype)
-        if key not in self._flat:
+        mask = self.mask
+
+        def build() -> torch.Tensor:
             R = self.max_rank
-            w = torch.zeros(len(self.row_pos), 1, copies, R, dtype=dtype, device=self.mask.device)
+            w = torch.zeros(len(self.row_pos), 1, copies, R, dtype=dtype, device=mask.device)
             for i, u in enumerate(self.row_pos):
                 if u >= 0:
                     first, r = self.spans[u]
-                    w[i, 0, :, :r] = self.mask[i, 0, first:first + r]
-            self._flat[key] = w.view(len(self.row_pos), 1, copies * R)
-        return self._flat[key]
+                    w[i, 0, :, :r] = mask[i, 0, first:first + r]
+            return w.view(len(self.row_pos), 1, copies * R)
+
+        return self.step_value(("row weights", copies, dtype), build)
 
     def flat_mask(self, T: int, copies: int, dtype: torch.dtype) -> torch.Tensor:
         """The mask as ``(N·T, copies·Σ rank)`` in ``dtype``: one row per token, repeated for layers that share
         one input (see packed_lora.py); built once per step and shape."""
         assert self.mask is not None
-        key = (T, copies, dtype)
-        if key not in self._flat:
-            N, _, S = self.mask.shape
-            m = self.mask.to(dtype).expand(N, T, S).reshape(N * T, S)  # (N·T, S)
-            self._flat[key] = torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
-        return self._flat[key]
+        mask = self.mask
+
+        def build() -> torch.Tensor:
+            N, _, S = mask.shape
+            m = mask.to(dtype).expand(N, T, S).reshape(N * T, S)  # (N·T, S)
+            return torch.cat([m] * copies, dim=1) if copies > 1 else m.contiguous()
+
+        return self.step_value((T, copies, dtype), build)
 
 
 def build_lora_batch(
